@@ -1,0 +1,1 @@
+"""tpgate's tuner: Optuna studies over replica count x TP and engine knobs, per workload class."""
