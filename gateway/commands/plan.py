@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([v.as_dict() for v in verdicts], indent=2))
     else:
-        print(f"{model.name}: {model.param_count / 1e9:.1f}B parameters, {model.weight_bytes / GIB:.1f} GiB of weights, "
-              f"{model.num_attention_heads} attention / {model.num_kv_heads} KV heads")
+        print(
+            f"{model.name}: {model.param_count / 1e9:.1f}B parameters, {model.weight_bytes / GIB:.1f} GiB of weights, "
+            f"{model.num_attention_heads} attention / {model.num_kv_heads} KV heads"
+        )
         print(f"budget: {config.gpus} x {gpu.name} ({config.node_size} per node)\n")
         print(format_table(verdicts))
     return 0
