@@ -1,0 +1,329 @@
+"""Performance model of one LMDeploy engine: step times from the roofline, and analytical predictions.
+
+Pure code (no I/O). Two users:
+
+- the simulated engine asks :class:`StepCostModel` how long each continuous-batching step takes, given what
+  the step does (how many sequences decode, over how much context, how many prompt tokens it prefills);
+- the tuner asks :func:`predict` for the steady-state throughput and latency of a workload at a
+  configuration, to rank candidates before measuring them.
+
+One step of the engine runs every decoder layer once over a fused batch of decode tokens and prefill-chunk
+tokens. Its time on each of the ``tp`` GPUs is the sum of
+
+- *memory*: the weights (÷ TP) read once, plus the KV cache read by attention and written for new tokens,
+  over ``HBM_EFFICIENCY`` times the GPU's HBM bandwidth;
+- *compute*: 2 FLOPs per parameter per token (÷ TP) plus attention's 4·d·context FLOPs per token and layer,
+  over ``COMPUTE_EFFICIENCY`` times the GPU's peak dense bf16 rate;
+- *communication*: two all-reduces of the step's activations per layer (after attention and after the MLP),
+  ring algorithm over NVLink or PCIe, plus a per-hop latency — zero at TP 1, growing with TP, so TP scales
+  sub-linearly, and much worse over PCIe;
+- *overhead*: a fixed cost per step (scheduling, sampling, kernel launches).
+
+Memory and compute are added rather than overlapped (``max``): at decode batch sizes the GEMMs neither
+stream weights at full bandwidth nor run at peak rate, and the additive form reproduces LMDeploy's published
+static-batch curve (see ``docs/simulator.md``) where ``max`` overestimates batch-64 throughput by a third.
+
+Every constant below is calibrated against LMDeploy's published A100 figures; ``docs/simulator.md`` has the
+table and where each number comes from. A :class:`Deviation` makes the *engine* depart from this model on
+purpose; :func:`predict` never takes one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from gateway.errors import UserError
+from gateway.planner.gpus import GpuSpec
+from gateway.planner.model import ModelSpec
+from gateway.planner.tp import EngineKnobs, evaluate_tp, kv_cache_bytes_per_token_per_gpu
+
+# Share of peak HBM bandwidth that decode kernels reach. Fitted to the batch-1 figure (about 100 tokens/s
+# for Llama-2-7B on an A100: 13.2 GB of weights per token) together with STEP_OVERHEAD_S.
+HBM_EFFICIENCY = 0.78
+# Share of peak dense bf16 FLOP/s reached by GEMMs and attention (prefill and decode alike). Fitted to the
+# slope of the static-batch curve (batch 16 -> 64) and consistent with the 55-65 % MFU usual for prefill.
+COMPUTE_EFFICIENCY = 0.60
+# Fixed cost of one engine step: scheduling, sampling, detokenisation, kernel launches (batch-1 residual).
+STEP_OVERHEAD_S = 2.0e-3
+# Share of the link bandwidth a ring all-reduce reaches (NCCL bus bandwidth over the raw figure).
+ALLREDUCE_EFFICIENCY = {"nvlink": 0.80, "pcie": 0.50}
+# Latency of one ring hop of an all-reduce: NVLink (NCCL, small messages) vs PCIe through the host bridge.
+ALLREDUCE_HOP_LATENCY_S = {"nvlink": 3.0e-6, "pcie": 12.0e-6}
+# Bytes per activation element exchanged by the all-reduce (fp16/bf16).
+ACTIVATION_BYTES = 2
+# TurboMind's KV-cache block size in tokens (``cache_block_seq_len``).
+KV_BLOCK_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """Factors by which the simulated engine departs from this model on purpose.
+
+    The tuner is tested against a prior that is wrong, as every model is on real hardware. Only the
+    engine's :class:`StepCostModel` applies these; :func:`predict` never sees them. All factors are
+    multipliers of time (``allreduce_factor=1.5``: all-reduces take 1.5 times as long) except the
+    efficiency factors, which divide it (``decode_efficiency_factor=0.8``: decode work takes 1/0.8 as long).
+    """
+
+    allreduce_factor: float = 1.0
+    decode_efficiency_factor: float = 1.0  # every TP size, unless decode_efficiency_factor_by_tp names it
+    decode_efficiency_factor_by_tp: Mapping[int, float] = field(default_factory=dict)
+    prefill_efficiency_factor: float = 1.0
+    extra_step_s: float = 0.0
+    pcie_extra_step_s: float = 0.0  # added to every step of a TP > 1 engine on a PCIe GPU
+
+    def __post_init__(self) -> None:
+        for name in ("allreduce_factor", "decode_efficiency_factor", "prefill_efficiency_factor"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"deviation: {name} must be positive, not {getattr(self, name)}")
+        for tp, factor in self.decode_efficiency_factor_by_tp.items():
+            if not isinstance(tp, int) or tp < 1 or not factor > 0:
+                raise UserError(
+                    f"deviation: decode_efficiency_factor_by_tp maps tp >= 1 to a factor > 0, not {tp}: {factor}"
+                )
+        for name in ("extra_step_s", "pcie_extra_step_s"):
+            if getattr(self, name) < 0:
+                raise UserError(f"deviation: {name} must not be negative, not {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object], *, source: str = "deviation") -> Deviation:
+        """Build from parsed YAML/JSON; unknown keys and wrong types raise UserError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(
+                f"{source}: unknown deviation field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        values: dict[str, object] = {}
+        for key, value in data.items():
+            if key == "decode_efficiency_factor_by_tp":
+                if not isinstance(value, Mapping):
+                    raise UserError(f"{source}: {key} must map TP sizes to factors, not {value!r}")
+                values[key] = {_as_int(tp, f"{source}: {key} key"): _as_float(v, f"{source}: {key}[{tp}]")
+                               for tp, v in value.items()}
+            else:
+                values[key] = _as_float(value, f"{source}: {key}")
+        return cls(**values)  # type: ignore[arg-type]
+
+    def decode_factor(self, tp: int) -> float:
+        return self.decode_efficiency_factor_by_tp.get(tp, self.decode_efficiency_factor)
+
+
+NO_DEVIATION = Deviation()
+
+
+def _as_float(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{what} must be a number, not {value!r}")
+    return float(value)
+
+
+def _as_int(value: object, what: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UserError(f"{what} must be a TP size (integer), not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one engine step computes, in aggregate (the cost model needs no per-sequence detail).
+
+    ``prefill_attention_pairs`` is the number of (query, key) token pairs of the prefill chunks' attention:
+    for a chunk of ``c`` tokens that follows ``p`` tokens already in the cache, ``c * (p + c / 2)``.
+    """
+
+    decode_sequences: int = 0
+    decode_context_tokens: int = 0  # sum over decoding sequences of the tokens they attend to
+    prefill_tokens: int = 0
+    prefill_context_tokens: int = 0  # sum over prefill chunks of the cached tokens they attend to
+    prefill_attention_pairs: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.decode_sequences + self.prefill_tokens
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One step's time split into its parts, in seconds (the sum is :attr:`total_s`)."""
+
+    memory_s: float
+    decode_compute_s: float
+    prefill_compute_s: float
+    allreduce_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.memory_s + self.decode_compute_s + self.prefill_compute_s + self.allreduce_s + self.overhead_s
+
+
+class StepCostModel:
+    """Step times of one engine (model on ``tp`` GPUs of one type); the per-step arithmetic is precomputed.
+
+    ``deviation`` is for the simulated engine only (see :class:`Deviation`).
+    """
+
+    def __init__(
+        self, model: ModelSpec, gpu: GpuSpec, tp: int, *, quant_policy: int = 0, deviation: Deviation = NO_DEVIATION
+    ) -> None:
+        if tp < 1:
+            raise UserError(f"tp must be at least 1, not {tp}")
+        self.model, self.gpu, self.tp, self.deviation = model, gpu, tp, deviation
+        lm_head_params = model.vocab_size * model.hidden_size
+        # Weights every step reads: all decoder layers and the LM head (the embedding lookup is negligible).
+        self._weight_bytes = (model.layer_params + lm_head_params) * model.dtype_bytes / tp
+        self._bandwidth = gpu.hbm_bytes_per_s * HBM_EFFICIENCY
+        self._flops = gpu.flops_per_s * COMPUTE_EFFICIENCY
+        self._dense_flops_per_token = 2 * model.layer_params / tp
+        self._lm_head_flops = 2 * lm_head_params / tp
+        self._attention_flops_per_pair = 4 * model.num_layers * model.num_attention_heads * model.head_dim / tp
+        self._kv_bytes_per_token = kv_cache_bytes_per_token_per_gpu(model, tp, quant_policy)
+        self._allreduces_per_step = 2 * model.num_layers
+        self._activation_bytes_per_token = model.hidden_size * ACTIVATION_BYTES
+        link = gpu.interconnect
+        # NVLink figures are bidirectional totals per GPU; a ring sends one way. PCIe figures are per direction.
+        per_direction = gpu.interconnect_bytes_per_s / 2 if link == "nvlink" else gpu.interconnect_bytes_per_s
+        self._link_bandwidth = per_direction * ALLREDUCE_EFFICIENCY[link]
+        self._ring_hops = 2 * (tp - 1)
+        self._hop_latency_s = ALLREDUCE_HOP_LATENCY_S[link]
+        self._overhead_s = STEP_OVERHEAD_S + deviation.extra_step_s
+        if link == "pcie" and tp > 1:
+            self._overhead_s += deviation.pcie_extra_step_s
+        self._decode_factor = deviation.decode_factor(tp)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self._kv_bytes_per_token
+
+    def allreduce_s(self, tokens: int) -> float:
+        """Time of one ring all-reduce of ``tokens`` activations across the TP group (0 at TP 1)."""
+        if self.tp == 1 or tokens <= 0:
+            return 0.0
+        message_bytes = tokens * self._activation_bytes_per_token
+        transfer = 2 * (self.tp - 1) / self.tp * message_bytes / self._link_bandwidth
+        return transfer + self._ring_hops * self._hop_latency_s
+
+    def cost(self, batch: StepBatch) -> StepCost:
+        """The time of one step, by part. An empty step costs nothing."""
+        if batch.tokens <= 0:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        kv_tokens = batch.decode_context_tokens + batch.prefill_context_tokens + batch.tokens
+        kv_bytes = kv_tokens * self._kv_bytes_per_token
+        memory_s = (self._weight_bytes + kv_bytes) / self._bandwidth
+        decode_flops = batch.decode_sequences * (self._dense_flops_per_token + self._lm_head_flops)
+        decode_flops += batch.decode_context_tokens * self._attention_flops_per_pair
+        prefill_flops = batch.prefill_tokens * self._dense_flops_per_token
+        prefill_flops += batch.prefill_attention_pairs * self._attention_flops_per_pair
+        deviation = self.deviation
+        return StepCost(
+            memory_s=memory_s / self._decode_factor,
+            decode_compute_s=decode_flops / self._flops / self._decode_factor,
+            prefill_compute_s=prefill_flops / self._flops / deviation.prefill_efficiency_factor,
+            allreduce_s=self._allreduces_per_step * self.allreduce_s(batch.tokens) * deviation.allreduce_factor,
+            overhead_s=self._overhead_s,
+        )
+
+    def step_s(self, batch: StepBatch) -> float:
+        return self.cost(batch).total_s
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A load profile: a closed loop of ``concurrency`` clients, each sending its next request when the last
+    one finishes. Lengths are means, in tokens."""
+
+    concurrency: int
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise UserError(f"workload concurrency must be at least 1, not {self.concurrency}")
+        if not self.mean_prompt_tokens >= 1 or not self.mean_output_tokens >= 1:
+            raise UserError(
+                f"workload mean lengths must be at least 1 token, not prompt={self.mean_prompt_tokens} "
+                f"output={self.mean_output_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Steady-state figures of one engine replica under a workload (seconds, per second)."""
+
+    running_batch: int  # sequences decoding together
+    batch_limit: str  # what bounds the batch: "concurrency", "max_batch_size" or "kv_cache"
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_s: float  # mean time to first token, queueing included
+    tpot_s: float  # mean time per output token after the first
+    e2e_latency_s: float  # mean end-to-end latency, queueing included
+    queue_s: float  # mean wait before a request is admitted
+
+
+def predict(
+    model: ModelSpec, gpu: GpuSpec, tp: int, workload: Workload, *, knobs: EngineKnobs = EngineKnobs()
+) -> Prediction:
+    """Analytical steady state of continuous batching for ``workload`` on one replica at ``tp``.
+
+    The running batch is the smallest of the concurrency, ``max_batch_size`` and the sequences the KV cache
+    holds at their mean occupancy (prompt plus half the output). Each step decodes one token for every
+    running sequence and prefills the prompts of the requests that replace finished ones. Clients beyond the
+    batch wait (Little's law gives the wait). Raises UserError when the planner rejects ``tp``.
+    """
+    verdict = evaluate_tp(model, gpu, tp, gpus=tp, gpus_per_node=tp, knobs=knobs)
+    if not verdict.feasible:
+        raise UserError(verdict.reason or f"tp={tp} is not feasible")
+    cost = StepCostModel(model, gpu, tp, quant_policy=knobs.quant_policy)
+    prompt, output = workload.mean_prompt_tokens, workload.mean_output_tokens
+    mean_context = prompt + output / 2
+    limits = {
+        "concurrency": workload.concurrency,
+        "max_batch_size": knobs.batch_size_on(gpu),
+        "kv_cache": max(1, int(verdict.kv_cache_tokens_per_replica // (mean_context + KV_BLOCK_TOKENS / 2))),
+    }
+    batch_limit = min(limits, key=lambda name: limits[name])
+    batch = limits[batch_limit]
+
+    def step(decoding: float, prefill_tokens: float, prefill_context: float = 0.0) -> float:
+        return cost.step_s(
+            StepBatch(
+                decode_sequences=round(decoding),
+                decode_context_tokens=round(decoding * mean_context),
+                prefill_tokens=round(prefill_tokens),
+                prefill_context_tokens=round(prefill_context),
+                prefill_attention_pairs=prefill_tokens * (prefill_context + prefill_tokens / 2),
+            )
+        )
+
+    # Steady state: batch/output requests finish per step, and as many new prompts are prefilled.
+    tpot_s = step(batch, batch * prompt / output)
+    requests_per_s = batch / (output * tpot_s)
+    chunk = knobs.max_prefill_token_num
+    chunks = math.ceil(prompt / chunk)
+    prefill_s = sum(
+        step(batch - 1, min(chunk, prompt - i * chunk), prefill_context=i * chunk) for i in range(chunks)
+    )
+    # A request arriving mid-step waits on average half a step before its first chunk runs.
+    service_ttft_s = prefill_s + (tpot_s / 2 if batch > 1 else 0.0)
+    service_e2e_s = service_ttft_s + (output - 1) * tpot_s
+    queue_s = max(0.0, workload.concurrency / requests_per_s - service_e2e_s) if workload.concurrency > batch else 0.0
+    return Prediction(
+        running_batch=batch,
+        batch_limit=batch_limit,
+        requests_per_s=requests_per_s,
+        output_tokens_per_s=requests_per_s * output,
+        ttft_s=queue_s + service_ttft_s,
+        tpot_s=tpot_s,
+        e2e_latency_s=queue_s + service_e2e_s,
+        queue_s=queue_s,
+    )
+
+
+def kv_cache_blocks(model: ModelSpec, gpu: GpuSpec, tp: int, *, knobs: EngineKnobs = EngineKnobs()) -> int:
+    """KV-cache blocks of ``KV_BLOCK_TOKENS`` one replica holds (the planner's capacity, in blocks)."""
+    verdict = evaluate_tp(model, gpu, tp, gpus=tp, gpus_per_node=tp, knobs=knobs)
+    return verdict.kv_cache_tokens_per_replica // KV_BLOCK_TOKENS
