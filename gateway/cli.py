@@ -16,6 +16,9 @@ from gateway.errors import UserError
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "plan": "gateway.commands.plan",
+    "engine": "gateway.commands.engine",
+    "load": "gateway.commands.load",
+    "serve": "gateway.commands.serve",
 }
 
 

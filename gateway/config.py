@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import UserError
-from gateway.planner import GpuSpec, gpu_catalog
+from gateway.planner import EngineKnobs, GpuSpec, gpu_catalog
 
 ENV_PREFIX = "TPGATE_"
 
@@ -35,20 +35,162 @@ class GpuTypeConfig(StrictModel):
     default_max_batch_size: int = Field(default=128, gt=0)
 
 
+class KnobsConfig(StrictModel):
+    """LMDeploy engine knobs of a pool (LMDeploy 0.18 names; unset means LMDeploy's default)."""
+
+    backend: Literal["turbomind", "pytorch"] = "turbomind"
+    max_batch_size: int | None = Field(default=None, ge=1)
+    cache_max_entry_count: float = Field(default=0.8, gt=0, le=1)
+    quant_policy: Literal[0, 4, 8] = 0
+    max_prefill_token_num: int = Field(default=8192, ge=1)
+    session_len: int | None = Field(default=None, ge=1)
+
+    def to_knobs(self) -> EngineKnobs:
+        return EngineKnobs(**self.model_dump())
+
+
+class EngineConfig(StrictModel):
+    """How pools run their engines."""
+
+    kind: Literal["sim", "lmdeploy"] = "sim"
+    model_path: str | None = Field(default=None, description="lmdeploy: weights directory or hub id (default: model)")
+    time_scale: float = Field(default=1.0, gt=0, description="sim: run the simulated clock this many times faster")
+    deviation_file: str | None = Field(default=None, description="sim: departures from the analytical model")
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class PoolConfig(StrictModel):
+    tp: int = Field(ge=1)
+    replicas: int = Field(default=1, ge=1)
+    knobs: KnobsConfig = Field(default_factory=KnobsConfig)
+
+
+class SloConfig(StrictModel):
+    """Latency and error targets of a workload class (constraints for the tuner, triggers for rollback)."""
+
+    ttft_p99_s: float | None = Field(default=None, gt=0)
+    tpot_p99_s: float | None = Field(default=None, gt=0)
+    e2e_p99_s: float | None = Field(default=None, gt=0)
+    error_rate_max: float | None = Field(default=None, ge=0, le=1)
+
+
+class WorkloadClassConfig(StrictModel):
+    description: str = ""
+    objective: Literal["min_e2e_p99", "max_output_tokens_per_s"] = "min_e2e_p99"
+    slo: SloConfig = Field(default_factory=SloConfig)
+    profile: str | None = Field(default=None, description="load profile that defines the class (loadtests/profiles)")
+    gpu_budget: int | None = Field(default=None, ge=1, description="GPUs the class may use (default: an even share)")
+
+
+def _default_classes() -> dict[str, WorkloadClassConfig]:
+    return {
+        "interactive": WorkloadClassConfig(
+            description="low latency: a few concurrent users",
+            objective="min_e2e_p99",
+            slo=SloConfig(ttft_p99_s=0.5, tpot_p99_s=0.040),
+            profile="interactive",
+        ),
+        "batch": WorkloadClassConfig(
+            description="high concurrency: many users, throughput first",
+            objective="max_output_tokens_per_s",
+            slo=SloConfig(ttft_p99_s=5.0, error_rate_max=0.001),
+            profile="batch",
+        ),
+    }
+
+
+class ServerConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    fast_path: Literal["standard", "haproxy"] = Field(
+        default="standard", description="haproxy: Ray Serve's HAProxy direct ingress (listens beyond loopback)"
+    )
+
+
+class RouterConfig(StrictModel):
+    replicas: int = Field(default=1, ge=1)
+    max_inflight_per_replica: int = Field(default=512, ge=1, description="per engine replica, before queueing")
+    queue_timeout_s: float = Field(default=2.0, ge=0, description="wait for a slot, then 429")
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_byte_timeout_s: float = Field(default=300.0, gt=0)
+    request_timeout_s: float = Field(default=1800.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, description="tries on different replicas before any byte is sent")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(default=1, ge=1)
+
+
+class ApiKeyConfig(StrictModel):
+    """A client API key, given literally or by the name of an environment variable holding it."""
+
+    key: SecretStr | None = None
+    key_env: str | None = None
+    default_class: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("an API key needs exactly one of 'key' or 'key_env'")
+        return self
+
+
+class AuthConfig(StrictModel):
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    admin_token_file: str = "~/.tpgate/admin-token"
+
+
 class TpgateConfig(StrictModel):
     """Everything a tpgate process needs to know."""
 
     model: str = "internvl2_5-38b"
+    served_model_name: str | None = None
     gpu: str = "h100-80gb"
     gpus: int = Field(default=8, ge=1, description="GPU budget")
     gpus_per_node: int | None = Field(default=None, ge=1, description="defaults to the budget (one node)")
     gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict)
+    ray_address: str | None = Field(default=None, description="join this Ray cluster instead of starting one")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    classes: dict[str, WorkloadClassConfig] = Field(default_factory=_default_classes)
+    default_class: str = "interactive"
+    pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
+    routes: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _gpu_is_known(self) -> TpgateConfig:
+    def _cross_field_rules(self) -> TpgateConfig:
         if self.gpu.lower() not in self.catalog():
             raise ValueError(f"unknown gpu {self.gpu!r} (known: {', '.join(sorted(self.catalog()))})")
+        if not self.classes:
+            raise ValueError("at least one workload class is needed")
+        if self.default_class not in self.classes:
+            raise ValueError(f"default_class {self.default_class!r} is not a class ({', '.join(self.classes)})")
+        for key in self.auth.api_keys:
+            if key.default_class is not None and key.default_class not in self.classes:
+                raise ValueError(f"API key default_class {key.default_class!r} is not a class")
+        used = sum(p.tp * p.replicas for p in self.pools.values())
+        if used > self.gpus:
+            detail = " + ".join(f"{name} {p.replicas}x{p.tp}" for name, p in self.pools.items())
+            raise ValueError(f"pools need {used} GPUs ({detail}), more than gpus={self.gpus}")
+        if self.pools and set(self.routes) != set(self.classes):
+            raise ValueError(f"with explicit pools, routes must name every class ({', '.join(self.classes)})")
+        if self.routes and not self.pools:
+            raise ValueError("routes need explicit pools")
+        for route, weights in self.routes.items():
+            unknown = set(weights) - set(self.pools)
+            if unknown:
+                raise ValueError(f"route {route!r} names unknown pools {sorted(unknown)}")
+            if abs(sum(weights.values()) - 1) > 1e-6:
+                raise ValueError(f"route {route!r}: weights sum to {sum(weights.values()):g}, not 1")
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in ``model``."""
+        return self.served_model_name or Path(self.model).name.lower()
 
     def catalog(self) -> dict[str, GpuSpec]:
         extra = {name.lower(): GpuSpec(name=name.lower(), **spec.model_dump()) for name, spec in self.gpu_types.items()}

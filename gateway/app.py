@@ -1,0 +1,164 @@
+"""Builders: the only place that turns tpgate's plain classes into Ray actors and Serve deployments.
+
+- the controller: a named, detached Ray actor (:data:`CONTROLLER_NAME` in :data:`NAMESPACE`);
+- the router: Serve application ``tpgate`` (the HTTP ingress at ``/``);
+- each engine pool: its own Serve application ``pool-<id>`` with no HTTP route, added and deleted
+  without touching the router's application.
+Every deployment asks for ``num_cpus=0``: on a 2-core machine the default of one CPU per replica
+leaves replicas unscheduled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from gateway.config import TpgateConfig
+from gateway.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from gateway.pool import EnginePoolReplica
+from gateway.router import Router, RouterSettings
+from gateway.routing import RoutingTable
+from gateway.state import Capacity, PoolSpec
+from gateway.upstream import Timeouts
+
+ROUTER_APP = "tpgate"
+POOL_APP_PREFIX = "pool-"
+# Serve's own concurrency cap on the router replica: requests never wait in Serve's queue; the router's
+# per-pool gates decide when to answer 429.
+ROUTER_MAX_ONGOING_REQUESTS = 100_000
+
+
+def pool_app_name(pool_id: str) -> str:
+    return POOL_APP_PREFIX + pool_id
+
+
+@dataclass(frozen=True)
+class ServePoolDeployer:
+    """Deploys each pool as its own Serve application (see :class:`gateway.controller.PoolDeployer`)."""
+
+    startup_timeout_s: float
+    stop_timeout_s: float
+    health_check_period_s: float
+
+    def deploy(self, pool: PoolSpec) -> None:
+        deployment = serve.deployment(
+            EnginePoolReplica,
+            name="engine",
+            num_replicas=pool.replicas,
+            ray_actor_options={"num_gpus": pool.tp, "num_cpus": 0},
+            health_check_period_s=self.health_check_period_s,
+            health_check_timeout_s=max(10.0, 2 * self.health_check_period_s),
+            graceful_shutdown_timeout_s=self.stop_timeout_s + 5,
+            max_ongoing_requests=16,
+        )
+        app = deployment.bind(
+            pool.id,
+            pool.engine,
+            controller_name=CONTROLLER_NAME,
+            namespace=NAMESPACE,
+            startup_timeout_s=self.startup_timeout_s,
+            stop_timeout_s=self.stop_timeout_s,
+        )
+        serve._run(app, _blocking=False, name=pool_app_name(pool.id), route_prefix=None)
+
+    def delete(self, pool_id: str) -> None:
+        serve.delete(pool_app_name(pool_id), _blocking=True)
+
+    def statuses(self) -> dict[str, tuple[str, str]]:
+        result = {}
+        for name, app in serve.status().applications.items():
+            if name.startswith(POOL_APP_PREFIX):
+                messages = [d.message for d in app.deployments.values() if d.message]
+                message = "; ".join(messages or [app.message])
+                result[name.removeprefix(POOL_APP_PREFIX)] = (str(app.status.value), message)
+        return result
+
+
+class RayControlPlane:
+    """The router's handle on the controller actor."""
+
+    def __init__(self) -> None:
+        self._actor: Any = None
+
+    def _handle(self) -> Any:
+        if self._actor is None:
+            self._actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        return self._actor
+
+    async def watch(self, known_version: int, timeout_s: float) -> RoutingTable:
+        table: RoutingTable = await self._handle().watch.remote(known_version, timeout_s)
+        return table
+
+    async def report_inflight(self, router_id: str, inflight_by_pool: dict[str, int]) -> None:
+        await self._handle().report_inflight.remote(router_id, inflight_by_pool)
+
+    async def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self._handle().status.remote()
+        return status
+
+
+@serve.ingress()
+class RouterDeployment:
+    """The ingress replica: builds a :class:`Router` bound to the controller."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self._settings = settings
+
+    def __serve_build_asgi_app__(self) -> Router:
+        return Router(self._settings, RayControlPlane())
+
+
+def router_settings(
+    config: TpgateConfig, *, api_key_classes: dict[str, str | None], admin_digest: str
+) -> RouterSettings:
+    r = config.router
+    return RouterSettings(
+        timeouts=Timeouts(
+            connect_s=r.connect_timeout_s, first_byte_s=r.first_byte_timeout_s, total_s=r.request_timeout_s
+        ),
+        max_inflight_per_replica=r.max_inflight_per_replica,
+        queue_timeout_s=r.queue_timeout_s,
+        max_attempts=r.max_attempts,
+        max_body_bytes=r.max_body_bytes,
+        retry_after_s=r.retry_after_s,
+        api_key_classes=api_key_classes,
+        admin_token_digest=admin_digest,
+    )
+
+
+def start_controller(config: TpgateConfig, capacity: Capacity) -> Any:
+    """Create the controller actor (or return the one already running in this cluster)."""
+    deployer = ServePoolDeployer(
+        startup_timeout_s=config.engine.startup_timeout_s,
+        stop_timeout_s=config.engine.stop_timeout_s,
+        health_check_period_s=config.engine.health_check_period_s,
+    )
+    actor_cls = ray.remote(Controller)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=0,
+        max_concurrency=1000,
+        get_if_exists=True,
+    ).remote(
+        model_name=config.model_name,
+        classes=tuple(config.classes),
+        default_class=config.default_class,
+        capacity=capacity,
+        deployer=deployer,
+    )
+
+
+def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
+    deployment = serve.deployment(
+        RouterDeployment,
+        name="router",
+        num_replicas=config.router.replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
+    )
+    serve.run(deployment.bind(settings), name=ROUTER_APP, route_prefix="/")

@@ -1,0 +1,61 @@
+"""The gateway's own metrics, all declared here (prefix ``tpgate_``, base units in the name, small label sets).
+
+This is the per-class view the tuner reads. Labels come from fixed sets: class (workload classes and
+trial routes), pool, replica (bounded by the pool's replica count), status (HTTP status code), reason.
+Each router process owns one :class:`GatewayMetrics` with its own registry (no global state).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                     7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                       0.3, 0.5, 1.0)
+
+
+class GatewayMetrics:
+    """Counters, histograms and gauges of one router process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tpgate_requests", "Requests finished, by class, pool and HTTP status", ["class", "pool", "status"],
+            registry=r)
+        self.request_duration = Histogram(
+            "tpgate_request_duration_seconds", "End-to-end latency seen by the gateway", ["class", "pool"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.time_to_first_token = Histogram(
+            "tpgate_time_to_first_token_seconds", "Time from request to the first streamed token", ["class", "pool"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.time_per_output_token = Histogram(
+            "tpgate_time_per_output_token_seconds", "Mean gap between output tokens of a streamed request",
+            ["class", "pool"], buckets=TOKEN_GAP_BUCKETS_S, registry=r)
+        self.output_tokens = Counter(
+            "tpgate_output_tokens", "Completion tokens returned", ["class", "pool"], registry=r)
+        self.prompt_tokens = Counter(
+            "tpgate_prompt_tokens", "Prompt tokens of finished requests (when the engine reports usage)",
+            ["class", "pool"], registry=r)
+        self.inflight = Gauge(
+            "tpgate_inflight_requests", "Requests in flight to an engine replica", ["pool", "replica"], registry=r)
+        self.queue_wait = Histogram(
+            "tpgate_queue_wait_seconds", "Time spent waiting for a pool's concurrency slot", ["class", "pool"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.retries = Counter(
+            "tpgate_upstream_retries", "Requests retried on another replica before any byte was sent", ["pool"],
+            registry=r)
+        self.upstream_errors = Counter(
+            "tpgate_upstream_errors", "Failed upstream attempts, by reason", ["pool", "reason"], registry=r)
+        self.route_weight = Gauge(
+            "tpgate_route_weight_ratio", "Share of a class's traffic routed to a pool", ["class", "pool"], registry=r)
+        self.pool_replicas = Gauge(
+            "tpgate_pool_replicas", "Healthy engine replicas of a pool", ["pool", "tp"], registry=r)
+        self.pool_desired_replicas = Gauge(
+            "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
+        self.state_version = Gauge(
+            "tpgate_state_version", "Version of the controller state this router follows", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,508 @@
+"""The router: the gateway's ingress, a raw ASGI app (one Python hop between client and engine).
+
+Per request: authenticate, classify (header, model alias, API key, default), pick a pool by the route's
+weights, wait (bounded) for the pool's concurrency slot, pick a replica by power of two choices, and
+stream the engine's response back one SSE event at a time. Before any byte reached the client a failed
+attempt is retried on another replica; after that, the stream ends with an SSE error event and
+``[DONE]``. A client disconnect cancels the upstream request.
+
+The router follows the controller's versioned :class:`RoutingTable` in the background and never waits
+on the controller while serving a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from gateway.asgi import (
+    SSE_HEADERS,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_bytes,
+    send_error,
+    send_json,
+)
+from gateway.errors import ApiError
+from gateway.gate import ConcurrencyGate
+from gateway.metrics import GatewayMetrics
+from gateway.routing import (
+    CLASS_HEADER,
+    Endpoint,
+    PoolView,
+    RoutingTable,
+    choose_pool,
+    choose_replica,
+    classify,
+    served_model_ids,
+)
+from gateway.upstream import (
+    DONE_EVENT,
+    Timeouts,
+    UpstreamFailure,
+    error_event,
+    is_usage_event,
+    new_session,
+    post,
+    read_all,
+    sse_events,
+    usage_of,
+)
+
+logger = logging.getLogger("tpgate.router")
+
+SUSPECT_FOR_S = 5.0  # a replica that refused a connection is avoided this long, or until the table changes
+REPORT_PERIOD_S = 0.5
+WATCH_TIMEOUT_S = 10.0
+CLIENT_CLOSED = "499"
+STREAM_BROKEN = "502"
+
+
+class ControlPlane(Protocol):
+    """The router's view of the controller (a Ray actor in production)."""
+
+    async def watch(self, known_version: int, timeout_s: float) -> RoutingTable: ...
+
+    async def report_inflight(self, router_id: str, inflight_by_pool: dict[str, int]) -> None: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+
+def secret_digest(secret: str) -> str:
+    """Routers keep digests of API keys and the admin token, never the secrets themselves."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    timeouts: Timeouts
+    max_inflight_per_replica: int = 512
+    queue_timeout_s: float = 2.0
+    max_attempts: int = 3
+    max_body_bytes: int = 8 * 1024 * 1024
+    retry_after_s: int = 1
+    api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
+    admin_token_digest: str | None = None
+
+
+@dataclass
+class _Outcome:
+    """What one proxied request ended as, for the metrics."""
+
+    pool: str = "none"
+    status: str = "500"
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+class Router:
+    """ASGI app. Owns its aiohttp session and background tasks through the ASGI lifespan."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        control: ControlPlane,
+        *,
+        metrics: GatewayMetrics | None = None,
+        rng: random.Random | None = None,
+        router_id: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._control = control
+        self.metrics = metrics or GatewayMetrics()
+        self._rng = rng or random.Random()
+        self._router_id = router_id or uuid.uuid4().hex[:12]
+        self._table = RoutingTable()
+        self._gates: dict[str, ConcurrencyGate] = {}
+        self._inflight_by_replica: dict[str, int] = {}
+        self._suspect_until: dict[str, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._table_ready = asyncio.Event()
+        self._handlers: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            ("POST", "/v1/chat/completions"): self._proxy,
+            ("POST", "/v1/completions"): self._proxy,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/health"): self._health,
+            ("GET", "/admin/status"): self._admin_status,
+        }
+        self._paths = {path for _, path in self._handlers}
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    # --- ASGI -----------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        handler = self._handlers.get((scope["method"], scope["path"]))
+        try:
+            if handler is None:
+                if scope["path"] in self._paths:
+                    raise ApiError(405, f"method {scope['method']} is not allowed on {scope['path']}")
+                raise ApiError(404, f"no route for {scope['method']} {scope['path']}")
+            await handler(scope, receive, send)
+        except ApiError as error:
+            await send_error(send, error)
+        except ClientDisconnected:
+            return
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        self._session = new_session()
+        self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def wait_for_table(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._table_ready.wait(), timeout_s)
+
+    # --- following the controller -----------------------------------------------------------------------
+
+    async def _follow_controller(self) -> None:
+        while True:
+            try:
+                table = await self._control.watch(self._table.version, WATCH_TIMEOUT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the controller restarting must not stop the router; keep the last table
+                logger.warning("controller watch failed, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if table.version != self._table.version or not self._table_ready.is_set():
+                self.apply_table(table)
+
+    def apply_table(self, table: RoutingTable) -> None:
+        self._table = table
+        self._suspect_until.clear()
+        per_replica = self._settings.max_inflight_per_replica
+        for pool in table.pools.values():
+            limit = max(1, len(pool.endpoints)) * per_replica
+            gate = self._gates.get(pool.id)
+            if gate is None:
+                self._gates[pool.id] = ConcurrencyGate(limit)
+            else:
+                gate.set_limit(limit)
+        self._publish_table_metrics(table)
+        self._table_ready.set()
+
+    def _publish_table_metrics(self, table: RoutingTable) -> None:
+        m = self.metrics
+        m.state_version.set(table.version)
+        m.route_weight.clear()
+        for route, weights in table.routes.items():
+            for pool_id, weight in weights.items():
+                m.route_weight.labels(route, pool_id).set(weight)
+        m.pool_replicas.clear()
+        m.pool_desired_replicas.clear()
+        for pool in table.pools.values():
+            m.pool_replicas.labels(pool.id, str(pool.tp)).set(len(pool.endpoints))
+            m.pool_desired_replicas.labels(pool.id, str(pool.tp)).set(pool.replicas)
+
+    async def _report_forever(self) -> None:
+        while True:
+            counts = {pool_id: gate.inflight for pool_id, gate in self._gates.items()}
+            try:
+                await self._control.report_inflight(self._router_id, counts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reporting is best effort; draining waits for the next report
+                logger.warning("in-flight report failed: %s", exc)
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    # --- endpoints ------------------------------------------------------------------------------------
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._authenticate(scope)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tpgate"} for m in served_model_ids(self._table)]
+        await send_json(send, 200, {"object": "list", "data": data})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, self.metrics.exposition(), [(b"content-type", b"text/plain; version=0.0.4")])
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        serving = {r: any(self._table.pools[p].endpoints for p in w if p in self._table.pools)
+                   for r, w in self._table.routes.items()}
+        healthy = bool(serving) and all(serving.values())
+        await send_json(send, 200 if healthy else 503, {"healthy": healthy, "routes": serving,
+                                                        "version": self._table.version})
+
+    async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expected = self._settings.admin_token_digest
+        token = _bearer(scope)
+        if expected is None:
+            raise ApiError(403, "the admin API is disabled: no admin token is configured")
+        if token is None or not hmac.compare_digest(secret_digest(token), expected):
+            raise ApiError(401, "admin API: missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        await send_json(send, 200, await self._control.status())
+
+    def _authenticate(self, scope: Scope) -> str | None:
+        """The API key's default class; 401 when keys are configured and the request has no valid one."""
+        keys = self._settings.api_key_classes
+        if not keys:
+            return None
+        token = _bearer(scope)
+        if token is None:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        digest = secret_digest(token)
+        for known, default_class in keys.items():
+            if hmac.compare_digest(digest, known):
+                return default_class
+        raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # --- the proxy ------------------------------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        key_class = self._authenticate(scope)
+        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        table = self._table
+        route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
+                         key_class=key_class)
+        if route.rewritten:
+            payload["model"] = route.upstream_model
+            body = json.dumps(payload).encode()
+        stream = payload.get("stream") is True
+        path = scope["path"]
+        outcome = _Outcome()
+        try:
+            await _until_disconnect(receive, self._forward(table, route.route, path, body, stream, send, outcome))
+        except ApiError as error:
+            outcome.status = str(error.status)
+            raise
+        except ClientDisconnected:
+            outcome.status = CLIENT_CLOSED
+            raise
+        finally:
+            self._record(route.route, outcome, started)
+
+    async def _forward(
+        self, table: RoutingTable, route: str, path: str, body: bytes, stream: bool, send: Send, outcome: _Outcome
+    ) -> None:
+        weights = table.routes[route]
+        tried_pools: set[str] = set()
+        tried_replicas: set[str] = set()
+        attempts = 0
+        last_failure: UpstreamFailure | None = None
+        while attempts < self._settings.max_attempts:
+            pool = choose_pool(weights, table.pools, self._rng, exclude=tried_pools)
+            if pool is None:
+                break
+            gate = self._gates[pool.id]
+            waited_from = time.perf_counter()
+            if not await gate.acquire(self._settings.queue_timeout_s if attempts == 0 else 0.0):
+                if attempts:
+                    tried_pools.add(pool.id)
+                    continue
+                raise ApiError(
+                    429,
+                    f"pool '{pool.id}' of class '{route}' has {gate.inflight} requests in flight, its limit; "
+                    f"retry after {self._settings.retry_after_s} s",
+                    code="overloaded",
+                    headers={"Retry-After": str(self._settings.retry_after_s)},
+                )
+            self.metrics.queue_wait.labels(route, pool.id).observe(time.perf_counter() - waited_from)
+            outcome.pool = pool.id
+            try:
+                while attempts < self._settings.max_attempts:
+                    endpoint = self._pick_replica(pool, tried_replicas)
+                    if endpoint is None:
+                        break
+                    attempts += 1
+                    tried_replicas.add(endpoint.replica_id)
+                    try:
+                        await self._attempt(pool, endpoint, path, body, stream, send, outcome)
+                        return
+                    except UpstreamFailure as failure:
+                        self.metrics.upstream_errors.labels(pool.id, failure.reason).inc()
+                        last_failure = failure
+                        if not failure.retryable:
+                            raise ApiError(504 if failure.reason == "timeout" else 502, str(failure)) from None
+                        if failure.reason == "connect":
+                            self._suspect_until[endpoint.replica_id] = time.monotonic() + SUSPECT_FOR_S
+                        if attempts < self._settings.max_attempts:
+                            self.metrics.retries.labels(pool.id).inc()
+            finally:
+                gate.release()
+            tried_pools.add(pool.id)
+        if last_failure is not None:
+            raise ApiError(502, f"no engine replica could serve the request: {last_failure}")
+        raise ApiError(503, f"no healthy engine replica for class '{route}'", code="no_healthy_replica",
+                       headers={"Retry-After": str(self._settings.retry_after_s)})
+
+    def _pick_replica(self, pool: PoolView, tried: set[str]) -> Endpoint | None:
+        now = time.monotonic()
+        suspects = {r for r, until in self._suspect_until.items() if until > now}
+        endpoint = choose_replica(pool.endpoints, self._inflight_by_replica, self._rng, exclude=tried | suspects)
+        return endpoint or choose_replica(pool.endpoints, self._inflight_by_replica, self._rng, exclude=tried)
+
+    async def _attempt(
+        self, pool: PoolView, endpoint: Endpoint, path: str, body: bytes, stream: bool, send: Send, outcome: _Outcome
+    ) -> None:
+        assert self._session is not None, "router used before its lifespan started"
+        replica = endpoint.replica_id
+        self._inflight_by_replica[replica] = self._inflight_by_replica.get(replica, 0) + 1
+        gauge = self.metrics.inflight.labels(pool.id, replica)
+        gauge.inc()
+        try:
+            resp = await post(self._session, endpoint.url + path, body, self._settings.timeouts)
+            if stream and resp.status == 200:
+                await self._relay_stream(resp, send, outcome)
+            else:
+                await self._relay_whole(resp, send, outcome)
+        finally:
+            self._inflight_by_replica[replica] -= 1
+            gauge.dec()
+
+    async def _relay_whole(self, resp: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
+        status = resp.status
+        content_type = resp.headers.get("content-type", "application/json").encode()
+        data = await read_all(resp)
+        outcome.status = str(status)
+        if status == 200:
+            usage = usage_of(data) or {}
+            outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+            outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        await send_bytes(send, status, data, [(b"content-type", content_type)])
+
+    async def _relay_stream(self, resp: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
+        events = sse_events(resp)
+        try:
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                raise UpstreamFailure("disconnect", "engine closed the stream before its first event",
+                                      retryable=True) from None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                raise UpstreamFailure("disconnect", f"engine broke off the stream: {exc}", retryable=True) from None
+            except TimeoutError:
+                raise UpstreamFailure("timeout", "engine sent no first event in time", retryable=False) from None
+            # committed: from here on the client has bytes, so failures end the stream instead of retrying
+            outcome.status = "200"
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            finished = await self._pump(first, events, send, outcome)
+            if not finished:
+                outcome.status = STREAM_BROKEN
+                await send({"type": "http.response.body", "body": error_event("the engine stream ended early"),
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            resp.close()  # unread: drops the connection, which cancels the request in the engine
+
+    async def _pump(self, first: bytes, events: Any, send: Send, outcome: _Outcome) -> bool:
+        """Forward events as they arrive; True when the engine ended with ``[DONE]``."""
+        event = first
+        try:
+            while True:
+                if event == DONE_EVENT or event.startswith(b"data: [DONE]"):
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    return True
+                if is_usage_event(event):
+                    usage = usage_of(event) or {}
+                    outcome.output_tokens = int(usage.get("completion_tokens") or outcome.output_tokens)
+                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                elif event.startswith(b"data:"):
+                    now = time.perf_counter()
+                    if outcome.first_token_at is None:
+                        outcome.first_token_at = now
+                    outcome.last_token_at = now
+                    outcome.output_tokens += 1
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                event = await anext(events)
+        except StopAsyncIteration:
+            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("engine stream broke: %s", exc)
+            return False
+
+    def _record(self, route: str, outcome: _Outcome, started: float) -> None:
+        m = self.metrics
+        m.requests.labels(route, outcome.pool, outcome.status).inc()
+        if outcome.status != "200":
+            return
+        m.request_duration.labels(route, outcome.pool).observe(time.perf_counter() - started)
+        m.output_tokens.labels(route, outcome.pool).inc(outcome.output_tokens)
+        m.prompt_tokens.labels(route, outcome.pool).inc(outcome.prompt_tokens)
+        if outcome.first_token_at is not None:
+            m.time_to_first_token.labels(route, outcome.pool).observe(outcome.first_token_at - started)
+            if outcome.last_token_at is not None and outcome.output_tokens > 1:
+                gap = (outcome.last_token_at - outcome.first_token_at) / (outcome.output_tokens - 1)
+                m.time_per_output_token.labels(route, outcome.pool).observe(gap)
+
+
+def _bearer(scope: Scope) -> str | None:
+    value = header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which closes the upstream request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected
+    task.result()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

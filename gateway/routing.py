@@ -1,0 +1,123 @@
+"""Routing policy: which route a request belongs to, which pool serves it, which replica gets it.
+
+Pure logic over a :class:`RoutingTable`, the versioned snapshot routers receive from the controller.
+Randomness comes from an injected ``random.Random`` so tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from gateway.errors import ApiError
+
+CLASS_HEADER = "x-workload-class"
+ALIAS_SEPARATOR = ":"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One healthy engine replica of a pool."""
+
+    replica_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What a router needs to know of a pool."""
+
+    id: str
+    tp: int
+    replicas: int  # desired
+    endpoints: tuple[Endpoint, ...] = ()  # registered and healthy
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """The controller's routing state at one version."""
+
+    version: int = 0
+    model: str = ""  # the served model name clients use
+    classes: tuple[str, ...] = ()  # workload classes (each has a route and a `<model>:<class>` alias)
+    default_class: str = ""
+    routes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # route name -> pool id -> weight
+    pools: Mapping[str, PoolView] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Classification:
+    route: str
+    upstream_model: str  # the model name to send upstream (alias suffix removed)
+    rewritten: bool  # whether the request's "model" must be rewritten
+
+
+def classify(
+    table: RoutingTable,
+    *,
+    model: object,
+    header_class: str | None,
+    key_class: str | None,
+) -> Classification:
+    """Pick the route: the ``x-workload-class`` header, then a ``<model>:<class>`` alias, then the API key's
+    default class, then the deployment default. The model must be the served one or one of its aliases."""
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required and must be a string", param="model")
+    base, sep, alias_class = model.partition(ALIAS_SEPARATOR)
+    if base != table.model or (sep and alias_class not in table.classes):
+        raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+    if header_class is not None:
+        if header_class not in table.routes:
+            known = ", ".join(sorted(table.routes))
+            raise ApiError(400, f"unknown workload class '{header_class}' in {CLASS_HEADER} (known: {known})",
+                           param=CLASS_HEADER)
+        route = header_class
+    else:
+        route = alias_class or key_class or table.default_class
+    if route not in table.routes:
+        raise ApiError(503, f"workload class '{route}' has no route yet", code="no_route")
+    return Classification(route=route, upstream_model=base, rewritten=bool(sep))
+
+
+def served_model_ids(table: RoutingTable) -> list[str]:
+    """``/v1/models``: the model, then one ``<model>:<class>`` alias per class."""
+    return [table.model, *(f"{table.model}{ALIAS_SEPARATOR}{c}" for c in table.classes)]
+
+
+def choose_pool(
+    weights: Mapping[str, float],
+    pools: Mapping[str, PoolView],
+    rng: random.Random,
+    *,
+    exclude: Collection[str] = (),
+) -> PoolView | None:
+    """Weighted pick among the route's pools that have a healthy endpoint; None when none has."""
+    candidates = [
+        (pools[p], w) for p, w in weights.items()
+        if w > 0 and p in pools and pools[p].endpoints and p not in exclude
+    ]
+    if not candidates:
+        return None
+    total = sum(w for _, w in candidates)
+    point = rng.random() * total
+    for pool, weight in candidates:
+        point -= weight
+        if point < 0:
+            return pool
+    return candidates[-1][0]
+
+
+def choose_replica(
+    endpoints: tuple[Endpoint, ...],
+    inflight: Mapping[str, int],
+    rng: random.Random,
+    *,
+    exclude: Collection[str] = (),
+) -> Endpoint | None:
+    """Power of two choices: sample two replicas, take the one with fewer outstanding requests."""
+    candidates = [e for e in endpoints if e.replica_id not in exclude]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    first, second = rng.sample(candidates, 2)
+    return first if inflight.get(first.replica_id, 0) <= inflight.get(second.replica_id, 0) else second

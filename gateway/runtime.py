@@ -1,0 +1,85 @@
+"""The gateway's process-level lifecycle on Ray: start or join a cluster, deploy, and tear down only what
+this process started.
+
+On a machine without GPUs and with the simulated engine, Ray is started with a declared number of
+simulated GPUs (``ray.init(num_gpus=N)`` works on a CPU host and assigns ids exactly as on real
+hardware), so budget accounting, placement failures and traffic shifts behave as on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.config import TpgateConfig
+from gateway.errors import UserError
+from gateway.router import secret_digest
+
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def resolve_api_keys(config: TpgateConfig, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """API key digest -> default class. Keys named by ``key_env`` must be set."""
+    digests: dict[str, str | None] = {}
+    for entry in config.auth.api_keys:
+        if entry.key is not None:
+            secret = entry.key.get_secret_value()
+        else:
+            assert entry.key_env is not None
+            secret = environ.get(entry.key_env, "")
+            if not secret:
+                raise UserError(f"API key variable {entry.key_env} is not set")
+        digests[secret_digest(secret)] = entry.default_class
+    return digests
+
+
+def ensure_admin_token(path_text: str) -> Path:
+    """The admin token file, created with a random token and mode 0600 if missing; refused if others can
+    read it."""
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UserError(f"{path}: the admin token file must not be readable by others (chmod 600 {path})")
+    return path
+
+
+def read_admin_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if not token:
+        raise UserError(f"{path}: the admin token file is empty")
+    return token
+
+
+@contextlib.contextmanager
+def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
+    """Start Ray (or join ``config.ray_address``); yields whether this process started it."""
+    import ray
+
+    if config.server.fast_path == "haproxy":
+        os.environ.update(HAPROXY_ENV)
+    started = config.ray_address is None
+    kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": False}
+    if started:
+        kwargs["_node_ip_address"] = "127.0.0.1"
+        if config.engine.kind == "sim":
+            kwargs["num_gpus"] = config.gpus  # simulated GPUs: Ray accounts for them as for real ones
+        ray.init(**kwargs)
+    else:
+        ray.init(address=config.ray_address, **kwargs)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
