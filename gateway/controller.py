@@ -91,7 +91,7 @@ class Controller:
         self._desired = state
         self._bump("state applied: " + ", ".join(f"{n}->{dict(w)}" for n, w in state.routes.items()))
         for pool_id in removed:
-            self._spawn(self._drain_and_delete(pool_id, deadline_s=60.0))
+            self._start_drain(pool_id, deadline_s=60.0)
         return self._version
 
     async def add_pool(self, pool: PoolSpec) -> int:
@@ -119,7 +119,7 @@ class Controller:
                 raise StateError(f"pool {pool_id!r} is the only pool of route {name!r}; route it elsewhere first")
         self._desired = self._desired.without_pool(pool_id)
         self._bump(f"pool {pool_id}: draining")
-        self._spawn(self._drain_and_delete(pool_id, deadline_s=deadline_s))
+        self._start_drain(pool_id, deadline_s=deadline_s)
         return self._version
 
     def desired_state(self) -> DesiredState:
@@ -228,9 +228,12 @@ class Controller:
         self._log(f"pool {pool.id}: deploying {pool.replicas} x tp{pool.tp}")
         await asyncio.to_thread(self._deployer.deploy, pool)
 
+    def _start_drain(self, pool_id: str, *, deadline_s: float) -> None:
+        self._pool_status[pool_id] = PoolStatus("draining", "waiting for in-flight requests")
+        self._spawn(self._drain_and_delete(pool_id, deadline_s=deadline_s))
+
     async def _drain_and_delete(self, pool_id: str, *, deadline_s: float) -> None:
         started = self._clock()
-        self._pool_status[pool_id] = PoolStatus("draining", "waiting for in-flight requests")
         await asyncio.sleep(ROUTER_REPORT_STALE_S / 5)  # let routers see the new version and report after it
         while self._clock() - started < deadline_s:
             fresh = [

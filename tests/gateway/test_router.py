@@ -1,0 +1,312 @@
+"""The router against scripted engines on loopback: routing, retries, streaming failures, limits, auth."""
+
+import asyncio
+import json
+import random
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.router import Router, RouterSettings, secret_digest
+from gateway.routing import Endpoint, PoolView, RoutingTable
+from gateway.upstream import Timeouts
+from tests.gateway.asgi_server import serve_asgi
+
+MODEL = "llama-3-8b"
+TIMEOUTS = Timeouts(connect_s=1.0, first_byte_s=5.0, total_s=10.0)
+
+
+class ScriptedEngine:
+    """An engine on loopback whose behaviour a test sets: ok, slow, busy (503), or dying mid-stream."""
+
+    def __init__(self, name, behaviour="ok"):
+        self.name = name
+        self.behaviour = behaviour
+        self.received = []
+        self.cancelled = 0  # requests whose connection the router closed before the answer
+        self.runner = None
+        self.url = None
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/v1/completions", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+    async def handle(self, request):
+        body = await request.json()
+        self.received.append(body)
+        if self.behaviour == "busy":
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        try:
+            if self.behaviour == "slow":
+                await asyncio.sleep(1.0)
+                if request.transport is None or request.transport.is_closing():
+                    self.cancelled += 1  # the router dropped the connection: the engine would free the slot
+            if not body.get("stream"):
+                return web.json_response({"model": body["model"], "served_by": self.name,
+                                          "choices": [{"message": {"content": "hi"}}],
+                                          "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(4):
+                if self.behaviour == "dies" and i == 2:
+                    request.transport.close()
+                    return resp
+                chunk = {"choices": [{"delta": {"content": f"t{i}"}}], "served_by": self.name}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await asyncio.sleep(0.01)
+            await resp.write(b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+class StaticControl:
+    def __init__(self, table):
+        self.table = table
+        self.reports = []
+
+    async def watch(self, known_version, timeout_s):
+        if known_version == self.table.version:
+            await asyncio.sleep(timeout_s)
+        return self.table
+
+    async def report_inflight(self, router_id, inflight_by_pool):
+        self.reports.append(inflight_by_pool)
+
+    async def status(self):
+        return {"version": self.table.version}
+
+
+def table_for(pools, routes):
+    views = {pid: PoolView(pid, tp, len(eps), tuple(Endpoint(e.name, e.url) for e in eps))
+             for pid, (tp, eps) in pools.items()}
+    return RoutingTable(version=1, model=MODEL, classes=("interactive", "batch"), default_class="interactive",
+                        routes=routes, pools=views)
+
+
+def one_pool(*engines):
+    """Both classes routed to pool "pa" made of ``engines``."""
+    return table_for({"pa": (1, list(engines))}, {"interactive": {"pa": 1.0}, "batch": {"pa": 1.0}})
+
+
+async def start_router(table, **settings):
+    settings.setdefault("timeouts", TIMEOUTS)
+    router = Router(RouterSettings(**settings), StaticControl(table), rng=random.Random(11))
+    return router
+
+
+@pytest.fixture
+async def engines():
+    started = []
+
+    async def make(name, behaviour="ok"):
+        engine = await ScriptedEngine(name, behaviour).start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        await engine.stop()
+
+
+async def post(session, url, body, **kwargs):
+    async with session.post(url + "/v1/chat/completions", json=body, **kwargs) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def chat(stream=False, model=MODEL, **extra):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+def metric(router, name, **labels):
+    return router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_weighted_split_alias_rewrite_and_metrics(engines):
+    a, b = await engines("a"), await engines("b")
+    router = await start_router(table_for({"pa": (1, [a]), "pb": (2, [b])},
+                                          {"interactive": {"pa": 0.25, "pb": 0.75}, "batch": {"pa": 1.0}}))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        for _ in range(200):
+            status, _, body = await post(session, url, chat(model=f"{MODEL}:interactive"))
+            assert status == 200
+        status, _, body = await post(session, url, chat(), headers={"x-workload-class": "batch"})
+        assert json.loads(body)["served_by"] == "a"
+    assert all(r["model"] == MODEL for r in a.received + b.received)  # alias removed upstream
+    share_a = metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "200"}) / 200
+    assert share_a == pytest.approx(0.25, abs=0.08)
+    assert metric(router, "tpgate_output_tokens_total", **{"class": "batch", "pool": "pa"}) == 2
+    assert metric(router, "tpgate_route_weight_ratio", **{"class": "interactive", "pool": "pb"}) == 0.75
+
+
+async def test_stream_is_relayed_event_by_event_with_usage(engines):
+    a = await engines("a")
+    router = await start_router(one_pool(a))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        async with session.post(url + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            assert resp.headers["content-type"] == "text/event-stream"
+            events = [line async for line in resp.content if line.strip()]
+    assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:4]] == ["t0", "t1", "t2", "t3"]
+    assert events[-1] == b"data: [DONE]\n"
+    labels = {"class": "interactive", "pool": "pa"}
+    assert metric(router, "tpgate_output_tokens_total", **labels) == 4  # from the usage chunk
+    assert metric(router, "tpgate_time_to_first_token_seconds_count", **labels) == 1
+    assert metric(router, "tpgate_time_per_output_token_seconds_count", **labels) == 1
+
+
+async def test_refused_connections_are_retried_on_another_replica(engines):
+    good = await engines("good")
+    dead = await engines("dead")
+    await dead.stop()  # its port now refuses connections
+    router = await start_router(one_pool(good, dead))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        results = await asyncio.gather(*(post(session, url, chat(stream=i % 2 == 0)) for i in range(20)))
+    assert [status for status, _, _ in results] == [200] * 20
+    assert metric(router, "tpgate_upstream_retries_total", pool="pa") >= 1
+    assert metric(router, "tpgate_upstream_errors_total", pool="pa", reason="connect") >= 1
+
+
+async def test_busy_engine_is_retried_elsewhere(engines):
+    busy, good = await engines("busy", "busy"), await engines("good")
+    router = await start_router(one_pool(busy, good))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        statuses = [(await post(session, url, chat()))[0] for _ in range(10)]
+    assert statuses == [200] * 10
+
+
+async def test_all_replicas_down_is_a_502_in_openai_shape(engines):
+    dead = await engines("dead")
+    await dead.stop()
+    router = await start_router(one_pool(dead))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        status, _, body = await post(session, url, chat())
+    assert status == 502
+    assert "no engine replica could serve the request" in json.loads(body)["error"]["message"]
+
+
+async def test_failure_after_streaming_started_ends_with_error_event_and_done(engines):
+    dying = await engines("dying", "dies")
+    router = await start_router(one_pool(dying))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        async with session.post(url + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            assert resp.status == 200
+            events = [line async for line in resp.content if line.strip()]
+    assert len(events) == 4  # two tokens, the error, [DONE]
+    assert json.loads(events[2][6:])["error"]["type"] == "upstream_error"
+    assert events[3] == b"data: [DONE]\n"
+    assert metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "502"}) == 1
+    assert len(dying.received) == 1  # not retried once bytes reached the client
+
+
+async def test_overload_gets_429_with_retry_after(engines):
+    slow = await engines("slow", "slow")
+    router = await start_router(one_pool(slow),
+                                max_inflight_per_replica=1, queue_timeout_s=0.1, retry_after_s=3)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        first = asyncio.create_task(post(session, url, chat()))
+        await asyncio.sleep(0.2)
+        status, headers, body = await post(session, url, chat())
+        assert (await first)[0] == 200
+    assert status == 429
+    assert headers["Retry-After"] == "3"
+    assert json.loads(body)["error"]["type"] == "rate_limit_error"
+
+
+async def test_client_disconnect_cancels_the_upstream_request(engines):
+    slow = await engines("slow", "slow")
+    router = await start_router(one_pool(slow))
+    async with serve_asgi(router) as url:
+        await router.wait_for_table(2)
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(TimeoutError):
+                await post(session, url, chat(), timeout=aiohttp.ClientTimeout(total=0.3))
+        for _ in range(50):
+            if slow.cancelled:
+                break
+            await asyncio.sleep(0.05)
+    assert slow.cancelled == 1
+    assert metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "499"}) == 1
+    assert router._gates["pa"].inflight == 0
+
+
+async def test_no_healthy_replica_is_a_503(engines):
+    router = await start_router(one_pool())
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        status, headers, _ = await post(session, url, chat())
+        health = await session.get(url + "/health")
+    assert status == 503 and "Retry-After" in headers
+    assert health.status == 503
+
+
+async def test_api_keys_and_their_default_class(engines):
+    a, b = await engines("a"), await engines("b")
+    router = await start_router(table_for({"pa": (1, [a]), "pb": (1, [b])},
+                                          {"interactive": {"pa": 1.0}, "batch": {"pb": 1.0}}),
+                                api_key_classes={secret_digest("sk-batch"): "batch", secret_digest("sk-any"): None})
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        missing = await post(session, url, chat())
+        wrong = await post(session, url, chat(), headers={"Authorization": "Bearer sk-nope"})
+        batch = await post(session, url, chat(), headers={"Authorization": "Bearer sk-batch"})
+        default = await post(session, url, chat(), headers={"Authorization": "Bearer sk-any"})
+        models = await session.get(url + "/v1/models")
+    assert (missing[0], wrong[0]) == (401, 401)
+    assert json.loads(missing[2])["error"]["code"] == "invalid_api_key"
+    assert json.loads(batch[2])["served_by"] == "b"
+    assert json.loads(default[2])["served_by"] == "a"
+    assert models.status == 401
+
+
+async def test_admin_status_needs_the_token(engines):
+    router = await start_router(table_for({}, {}), admin_token_digest=secret_digest("admin-secret"))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        anonymous = await session.get(url + "/admin/status")
+        wrong = await session.get(url + "/admin/status", headers={"Authorization": "Bearer nope"})
+        ok = await session.get(url + "/admin/status", headers={"Authorization": "Bearer admin-secret"})
+        assert (anonymous.status, wrong.status, ok.status) == (401, 401, 200)
+        assert await ok.json() == {"version": 1}
+    assert b"admin-secret" not in router.metrics.exposition()
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "message"), [
+    ("POST", "/v1/chat/completions", b"{nope", 400, "not valid JSON"),
+    ("POST", "/v1/chat/completions", b"[1]", 400, "must be a JSON object"),
+    ("POST", "/v1/chat/completions", b'{"model": "gpt-4"}', 404, "does not exist"),
+    ("POST", "/v1/chat/completions", b'{"model": "x", "pad": "' + b"x" * 5000 + b'"}', 413, "exceeds the limit"),
+    ("GET", "/v1/chat/completions", b"", 405, "not allowed"),
+    ("GET", "/v2/anything", b"", 404, "no route"),
+])
+async def test_bad_requests_get_openai_errors(engines, method, path, body, status, message):
+    a = await engines("a")
+    router = await start_router(one_pool(a),
+                                max_body_bytes=4096)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        async with session.request(method, url + path, data=body) as resp:
+            payload = await resp.json()
+    assert resp.status == status
+    assert message in payload["error"]["message"]
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert a.received == []
