@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LMDEPLOY_STAMP := $(VENV)/.lmdeploy
+LMDEPLOY_VERSION := 0.18.0
 
 .PHONY: install serve test unit lint clean
 
@@ -14,13 +16,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# LMDeploy's CLI on CPU for the contract tests: the extra's CPU torch and pure-Python imports, then lmdeploy
+# without its own requirements (they pull CUDA wheels)
+$(LMDEPLOY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,lmdeploy-contract]'
+	$(BIN)/pip install --quiet --no-deps lmdeploy==$(LMDEPLOY_VERSION)
+	touch $(LMDEPLOY_STAMP)
+
 ## serve: install and start the gateway on the embedded default (simulated engines)
 serve: $(STAMP)
 	$(BIN)/tpgate plan --model internvl2_5-38b --gpu h100-80gb --gpus 8
 
-## test: install and run the whole suite, integration tests included
-test: $(STAMP)
-	$(BIN)/python -m pytest
+## test: install and run the whole suite, integration tests included (and the LMDeploy contract tests)
+test: $(LMDEPLOY_STAMP)
+	TPGATE_REQUIRE_LMDEPLOY=1 $(BIN)/python -m pytest
 
 ## unit: the fast tests only (no Ray, no subprocesses)
 unit: $(STAMP)
