@@ -187,6 +187,7 @@ class Controller:
                 "engine": pool.engine.engine,
                 "phase": "running" if ready == pool.replicas else status.phase,
                 "message": status.message,
+                "endpoints": dict(self._endpoints.get(pool_id, {})),
             }
         draining = {p: s.message for p, s in self._pool_status.items() if s.phase == "draining"}
         return {
