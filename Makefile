@@ -25,11 +25,11 @@ $(LMDEPLOY_STAMP): $(STAMP)
 
 ## serve: install and start the gateway on the embedded default (simulated engines)
 serve: $(STAMP)
-	$(BIN)/tpgate plan --model internvl2_5-38b --gpu h100-80gb --gpus 8
+	$(BIN)/tpgate serve $(if $(CONFIG),--config $(CONFIG))
 
 ## test: install and run the whole suite, integration tests included (and the LMDeploy contract tests)
 test: $(LMDEPLOY_STAMP)
-	TPGATE_REQUIRE_LMDEPLOY=1 $(BIN)/python -m pytest
+	REQUIRE_LMDEPLOY_CONTRACT=1 $(BIN)/python -m pytest
 
 ## unit: the fast tests only (no Ray, no subprocesses)
 unit: $(STAMP)

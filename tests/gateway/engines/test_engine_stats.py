@@ -249,7 +249,7 @@ def test_a_scrape_of_lmdeploys_own_exporter():
         import lmdeploy.metrics.loggers  # noqa: F401
     except ImportError as exc:
         reason = f"lmdeploy cannot be imported ({exc}); `make test` installs it"
-        if os.environ.get("TPGATE_REQUIRE_LMDEPLOY") == "1":
+        if os.environ.get("REQUIRE_LMDEPLOY_CONTRACT") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     result = subprocess.run(

@@ -2,7 +2,7 @@
 
 The contract tests import ``lmdeploy`` (``make test`` installs it without a GPU: the ``lmdeploy-contract``
 extra, then ``pip install --no-deps lmdeploy==0.18.0``). Without it they are skipped with the reason, unless
-``TPGATE_REQUIRE_LMDEPLOY=1`` (set by ``make test``) turns the skip into a failure.
+``REQUIRE_LMDEPLOY_CONTRACT=1`` (set by ``make test``) turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def lmdeploy_cli():
             f"lmdeploy's CLI cannot be imported ({exc}); `make test` installs it without a GPU "
             f"(pip install -e '.[lmdeploy-contract]' && pip install --no-deps lmdeploy=={LMDEPLOY_VERSION})"
         )
-        if os.environ.get("TPGATE_REQUIRE_LMDEPLOY") == "1":
+        if os.environ.get("REQUIRE_LMDEPLOY_CONTRACT") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     # LMDeploy's parsers are class attributes; registering a subcommand twice is an argparse error.
