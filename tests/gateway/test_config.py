@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gateway.config import load_config
@@ -79,3 +81,7 @@ routes:
     validate_state(state, capacity)
     assert state.pools["small"].engine.knobs.max_batch_size == 64
     assert state.gpus_used == 4
+
+
+def test_documented_example_is_exactly_the_defaults():
+    assert load_config(Path(__file__).parents[2] / "deploy" / "tpgate.example.yaml") == load_config()
