@@ -54,7 +54,7 @@ class ServePoolDeployer:
             graceful_shutdown_timeout_s=self.stop_timeout_s + 5,
             max_ongoing_requests=16,
         )
-        app = deployment.bind(
+        app = deployment.bind(  # type: ignore[attr-defined]
             pool.id,
             pool.engine,
             controller_name=CONTROLLER_NAME,
@@ -161,4 +161,4 @@ def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
     )
-    serve.run(deployment.bind(settings), name=ROUTER_APP, route_prefix="/")
+    serve.run(deployment.bind(settings), name=ROUTER_APP, route_prefix="/")  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from gateway.errors import UserError
 
@@ -23,7 +24,7 @@ SUBCOMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: same one-line form, status 2
+    def error(self, message: str) -> NoReturn:  # argparse's own errors: same one-line form, status 2
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0]))
+        summary = (module.__doc__ or name).strip().splitlines()[0]
+        module.add_arguments(sub.add_parser(name, help=summary, description=summary))
     return parser
 
 

@@ -30,7 +30,7 @@ HEALTH_TIMEOUT_S = 5.0
 class EnginePoolReplica:
     """Starts the engine, reports it to the controller, and stops it with the replica."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         pool_id: str,
         spec: EngineSpec,

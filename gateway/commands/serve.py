@@ -21,6 +21,7 @@ from gateway.runtime import ensure_admin_token, ray_cluster, read_admin_token, r
 from gateway.state import Capacity, StateError, validate_state
 
 READY_POLL_S = 1.0
+TEARDOWN_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,15 +127,21 @@ def _follow_progress(controller: Any) -> None:
 
 
 def _teardown(controller: Any, *, started_ray: bool) -> None:
+    """Delete the router and every pool (all at once; each pool stops its engines), then the controller."""
     import ray
     from ray import serve
 
     from gateway.app import POOL_APP_PREFIX, ROUTER_APP
 
+    def ours() -> list[str]:
+        return [n for n in serve.status().applications if n == ROUTER_APP or n.startswith(POOL_APP_PREFIX)]
+
     with contextlib.suppress(Exception):
-        names = [n for n in serve.status().applications if n == ROUTER_APP or n.startswith(POOL_APP_PREFIX)]
-        for name in names:
-            serve.delete(name, _blocking=True)
+        for name in ours():
+            serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
     with contextlib.suppress(Exception):
         ray.kill(controller)
     if started_ray:
