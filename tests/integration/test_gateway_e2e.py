@@ -16,8 +16,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import API_KEY, BATCH_KEY
-from tests.integration.processes import alive, cmdline, engine_pids, parent_pid, wait_until
+from tests.conftest import API_KEY, BATCH_KEY
+from tests.processes import alive, cmdline, engine_pids, parent_pid, wait_until
 
 pytestmark = pytest.mark.integration
 

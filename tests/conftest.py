@@ -1,4 +1,5 @@
-"""A real `tpgate serve` (Ray, Serve, simulated engines) started once per test session."""
+"""Session fixtures. `gateway`: a real `tpgate serve` (Ray, Serve, simulated engines), started at most once per
+test session and shared by every test that asks for it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.processes import alive, engine_pids, free_port, wait_until
+from tests.processes import alive, engine_pids, free_port, wait_until
 
 API_KEY = "sk-test-interactive"
 BATCH_KEY = "sk-test-batch"
