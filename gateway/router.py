@@ -337,6 +337,7 @@ class Router:
             if pool is None:
                 break
             gate = self._gates[pool.id]
+            outcome.pool = pool.id
             waited_from = time.perf_counter()
             if not await gate.acquire(self._settings.queue_timeout_s if attempts == 0 else 0.0):
                 if attempts:
@@ -350,7 +351,6 @@ class Router:
                     headers={"Retry-After": str(self._settings.retry_after_s)},
                 )
             self.metrics.queue_wait.labels(route, pool.id).observe(time.perf_counter() - waited_from)
-            outcome.pool = pool.id
             try:
                 while attempts < self._settings.max_attempts:
                     endpoint = self._pick_replica(pool, tried_replicas)

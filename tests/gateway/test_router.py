@@ -229,6 +229,7 @@ async def test_overload_gets_429_with_retry_after(engines):
         assert (await first)[0] == 200
     assert status == 429
     assert headers["Retry-After"] == "3"
+    assert metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "429"}) == 1
     assert json.loads(body)["error"]["type"] == "rate_limit_error"
 
 
