@@ -72,7 +72,6 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
     kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": False}
     if started:
-        kwargs["_node_ip_address"] = "127.0.0.1"
         if config.engine.kind == "sim":
             kwargs["num_gpus"] = config.gpus  # simulated GPUs: Ray accounts for them as for real ones
         ray.init(**kwargs)
