@@ -1,0 +1,112 @@
+"""The simulated engine's configuration: validated where it enters, then resolved against the planner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import UserError
+from gateway.planner import EngineKnobs, GpuSpec, ModelSpec, evaluate_tp, find_gpu, load_model
+from gateway.planner.perf import KV_BLOCK_TOKENS, Deviation
+
+
+class SimEngineConfig(BaseModel):
+    """Everything ``tpgate engine sim`` is told (LMDeploy's flag names, plus the simulator's own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="bundled card name, model directory or config.json")
+    gpu: str = "h100-80gb"
+    tp: int = Field(default=1, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=23333, ge=0, le=65535)
+    max_batch_size: int | None = Field(default=None, ge=1)
+    cache_max_entry_count: float = Field(default=0.8, gt=0, le=1)
+    quant_policy: Literal[0, 4, 8] = 0
+    max_prefill_token_num: int = Field(default=8192, ge=1)
+    session_len: int | None = Field(default=None, ge=2)
+    time_scale: float = Field(default=1.0, gt=0, le=10_000)
+    deviation_file: str | None = None
+    model_name: str | None = Field(default=None, min_length=1)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]) -> SimEngineConfig:
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise UserError(f"engine sim: {where}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+@dataclass(frozen=True)
+class SimEngineSetup:
+    """A configuration resolved against the planner: what the running engine simulates."""
+
+    served_model_name: str
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int
+    knobs: EngineKnobs
+    max_batch_size: int
+    session_len: int
+    kv_cache_blocks: int
+    time_scale: float
+    deviation: Deviation
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.kv_cache_blocks * KV_BLOCK_TOKENS
+
+
+def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = None) -> SimEngineSetup:
+    """Load the model and GPU, apply the planner's TP rules (UserError with its reason when rejected)."""
+    model = load_model(config.model)
+    gpu = find_gpu(config.gpu, catalog)
+    knobs = EngineKnobs(
+        max_batch_size=config.max_batch_size,
+        cache_max_entry_count=config.cache_max_entry_count,
+        quant_policy=config.quant_policy,
+        max_prefill_token_num=config.max_prefill_token_num,
+        session_len=config.session_len,
+    )
+    verdict = evaluate_tp(model, gpu, config.tp, gpus=config.tp, gpus_per_node=config.tp, knobs=knobs)
+    if not verdict.feasible:
+        raise UserError(f"cannot simulate {model.name} on {gpu.name}: {verdict.reason}")
+    deviation = load_deviation(config.deviation_file) if config.deviation_file else Deviation()
+    return SimEngineSetup(
+        served_model_name=config.model_name or model.name,
+        model=model,
+        gpu=gpu,
+        tp=config.tp,
+        knobs=knobs,
+        max_batch_size=knobs.batch_size_on(gpu),
+        session_len=knobs.session_len_for(model),
+        kv_cache_blocks=verdict.kv_cache_tokens_per_replica // KV_BLOCK_TOKENS,
+        time_scale=config.time_scale,
+        deviation=deviation,
+    )
+
+
+def load_deviation(path: str | Path) -> Deviation:
+    """Read a deviation file: YAML or JSON mapping of :class:`~gateway.planner.perf.Deviation` fields."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read deviation file: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: malformed deviation file: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a deviation file holds a mapping of factors, not {type(data).__name__}")
+    return Deviation.from_mapping(data, source=str(path))

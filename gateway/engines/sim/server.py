@@ -1,0 +1,235 @@
+"""The simulated engine's HTTP server: LMDeploy 0.18 ``api_server``'s API on aiohttp.
+
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or SSE
+streaming), ``GET /health``, ``GET /metrics``, and ``GET /sim/stats`` (the simulator's own: simulated clock,
+steps, preemptions — what the calibration benchmark reads). Every error a client sees has the OpenAI
+shape; a failure after a stream started is sent as a last ``data: {"error": ...}`` event, then
+``data: [DONE]``. SIGTERM or SIGINT stops the engine: in-flight requests end with an error, the port closes,
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.engines.sim.clock import Clock, ScaledClock
+from gateway.engines.sim.config import SimEngineSetup
+from gateway.engines.sim.metrics import EngineMetrics
+from gateway.engines.sim.protocol import (
+    SSE_DONE,
+    GenerationRequest,
+    ResponseWriter,
+    parse_chat,
+    parse_completion,
+    sse,
+)
+from gateway.engines.sim.scheduler import EngineStopped, Scheduler, Sequence
+from gateway.engines.sim.text import filler_text
+from gateway.errors import ERROR_TYPE_BY_STATUS, ApiError, error_body
+from gateway.planner.perf import StepCostModel
+
+OWNED_BY = "tpgate-simulator"
+MAX_BODY_BYTES = 16 * 1024**2
+
+SETUP = web.AppKey("setup", SimEngineSetup)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", EngineMetrics)
+
+
+def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Application:
+    """The engine as an aiohttp application; the scheduler starts and stops with it."""
+    app = web.Application(middlewares=[_error_middleware], client_max_size=MAX_BODY_BYTES)
+    metrics = EngineMetrics(
+        model_name=setup.served_model_name,
+        backend_info={
+            "backend": "sim", "model": setup.model.name, "gpu": setup.gpu.name, "tp": str(setup.tp),
+            "max_batch_size": str(setup.max_batch_size), "session_len": str(setup.session_len),
+            "kv_cache_tokens": str(setup.kv_cache_tokens), "time_scale": f"{setup.time_scale:g}",
+        },
+    )
+    cost = StepCostModel(setup.model, setup.gpu, setup.tp, quant_policy=setup.knobs.quant_policy,
+                         deviation=setup.deviation)
+    app[SETUP] = setup
+    app[METRICS] = metrics
+    app[SCHEDULER] = Scheduler(
+        cost,
+        clock or ScaledClock(setup.time_scale),
+        max_batch_size=setup.max_batch_size,
+        kv_cache_blocks=setup.kv_cache_blocks,
+        max_prefill_token_num=setup.knobs.max_prefill_token_num,
+        observer=metrics,
+    )
+    app.on_startup.append(_start_scheduler)
+    app.on_shutdown.append(_stop_scheduler)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/sim/stats", _sim_stats)
+    return app
+
+
+async def serve(setup: SimEngineSetup, *, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    runner = web.AppRunner(build_app(setup), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    bound = runner.addresses[0] if runner.addresses else (host, port)
+    print(
+        f"tpgate: simulated LMDeploy engine serving {setup.served_model_name!r} ({setup.model.name} on "
+        f"{setup.tp} x {setup.gpu.name}, time scale {setup.time_scale:g}) at http://{bound[0]}:{bound[1]}",
+        file=sys.stderr, flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _start_scheduler(app: web.Application) -> None:
+    app[SCHEDULER].start()
+
+
+async def _stop_scheduler(app: web.Application) -> None:
+    await app[SCHEDULER].stop()
+
+
+@web.middleware
+async def _error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = error_body(exc.reason, type=ERROR_TYPE_BY_STATUS.get(exc.status, "api_error"))
+        return web.json_response(body, status=exc.status)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def _models(request: web.Request) -> web.Response:
+    setup = request.app[SETUP]
+    card = {
+        "id": setup.served_model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": OWNED_BY,
+        "root": f"simulated:{setup.model.name}",
+        "parent": None,
+        "permission": [],
+        "simulated": True,
+        "description": (
+            f"simulated LMDeploy engine: {setup.model.name} on {setup.tp} x {setup.gpu.name} "
+            f"(tpgate performance model, no real model runs)"
+        ),
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    metrics.refresh(request.app[SCHEDULER].stats())
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _sim_stats(request: web.Request) -> web.Response:
+    setup = request.app[SETUP]
+    stats = request.app[SCHEDULER].stats()
+    return web.json_response({
+        "simulated_time_s": stats.now_s,
+        "busy_s": stats.busy_s,
+        "time_scale": setup.time_scale,
+        "running": stats.running,
+        "waiting": stats.waiting,
+        "kv_cache_blocks": stats.total_blocks,
+        "kv_cache_free_blocks": stats.free_blocks,
+        "steps": stats.steps,
+        "preemptions": stats.preemptions,
+    })
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    setup = request.app[SETUP]
+    parsed = parse_chat(await request.read(), served_model=setup.served_model_name, session_len=setup.session_len)
+    return await _generate(request, parsed)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    setup = request.app[SETUP]
+    parsed = parse_completion(await request.read(), served_model=setup.served_model_name,
+                              session_len=setup.session_len)
+    return await _generate(request, parsed)
+
+
+async def _generate(request: web.Request, parsed: GenerationRequest) -> web.StreamResponse:
+    scheduler = request.app[SCHEDULER]
+    plan = parsed.plan
+    seq = scheduler.submit(Sequence(parsed.prompt_tokens, plan.output_tokens, plan.finish_reason,
+                                    stream=parsed.stream))
+    writer = ResponseWriter(parsed)
+    try:
+        if parsed.stream:
+            try:
+                return await _stream(request, parsed, seq, writer)
+            except ConnectionResetError:  # the client went away mid-stream; nobody is left to answer
+                return web.Response(status=499)
+        assert seq.done is not None
+        try:
+            await seq.done
+        except EngineStopped:
+            raise ApiError(503, "the engine is shutting down") from None
+        text = filler_text(0, plan.output_tokens, limit_chars=plan.text_chars)
+        return web.json_response(writer.response(text, plan.output_tokens), dumps=_compact_json)
+    finally:
+        scheduler.cancel(seq)  # no-op when it finished; frees the slot when the client went away
+
+
+async def _stream(
+    request: web.Request, parsed: GenerationRequest, seq: Sequence, writer: ResponseWriter
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    plan = parsed.plan
+    sent = 0
+    while sent < plan.output_tokens:
+        new = await seq.tokens.get()
+        while new is not None and not seq.tokens.empty():  # coalesce tokens this writer fell behind on
+            more = seq.tokens.get_nowait()
+            new = None if more is None else new + more
+        if new is None:
+            await response.write(sse(error_body("the engine is shutting down", type=ERROR_TYPE_BY_STATUS[503])))
+            await response.write(SSE_DONE)
+            return response
+        text = filler_text(sent, sent + new, limit_chars=plan.text_chars)
+        sent += new
+        finish = plan.finish_reason if sent >= plan.output_tokens else None
+        await response.write(sse(writer.chunk(text, finish_reason=finish)))
+    if parsed.include_usage:
+        await response.write(sse(writer.usage_chunk(sent)))
+    await response.write(SSE_DONE)
+    await response.write_eof()
+    return response
+
+
+def _compact_json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
