@@ -1,0 +1,112 @@
+"""Per-request records: what the locustfile writes (JSON lines) and the summary reads, so percentiles are
+computed from every request rather than from locust's rounded buckets.
+
+Two kinds of line: ``{"type": "request", ...}`` for each finished request, and ``{"type": "phase", ...}`` when
+the run moves from warm-up to the measured window (``measure``) and when it stops (``stop``, with the reason).
+Times are Unix epoch seconds (so they line up with Prometheus) and durations seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+PhaseName = Literal["measure", "stop"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished request (or one that failed)."""
+
+    index: int  # position in the run's request sequence
+    start_s: float  # Unix time the request was sent
+    e2e_s: float  # until the last byte of the response
+    ttft_s: float | None  # until the first content token; None when not streamed or no token came
+    output_tokens: int
+    prompt_tokens: int  # as requested (the generator makes prompts of exactly this many tokens)
+    ok: bool
+    status: int = 200  # HTTP status; 0 when the connection failed
+    error: str | None = None
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.e2e_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (e2e - ttft) / (output tokens - 1); None below 2 tokens."""
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A change of phase: ``measure`` (warm-up over) or ``stop`` (no more requests will be sent)."""
+
+    phase: PhaseName
+    at_s: float
+    reason: str | None = None  # for stop: "duration", "max_requests" or "stopped"
+
+
+Entry = RequestRecord | Phase
+
+
+def to_line(entry: Entry) -> str:
+    """The JSON line for ``entry``, newline included."""
+    kind = "request" if isinstance(entry, RequestRecord) else "phase"
+    return json.dumps({"type": kind, **asdict(entry)}, separators=(",", ":")) + "\n"
+
+
+def from_line(line: str) -> Entry:
+    """Parse one JSON line written by :func:`to_line`."""
+    data = json.loads(line)
+    kind = data.pop("type")
+    if kind == "request":
+        return RequestRecord(**data)
+    if kind == "phase":
+        return Phase(**data)
+    raise ValueError(f"unknown record type {kind!r}")
+
+
+class RecordWriter:
+    """Appends entries to a JSON lines file, one write and flush per entry so a reader can follow along."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, entry: Entry) -> None:
+        if self._stream.closed:  # a straggler after the run was closed is not part of it
+            return
+        self._stream.write(to_line(entry))
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class RecordReader:
+    """Reads a growing JSON lines file incrementally; a half-written last line waits for the next read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._offset = 0
+
+    def read_new(self) -> list[Entry]:
+        """Entries completed since the last call (none while the file does not exist yet)."""
+        try:
+            with self._path.open("rb") as stream:
+                stream.seek(self._offset)
+                data = stream.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [from_line(line) for line in complete.decode().splitlines() if line.strip()]
+
+
+def read_entries(path: str | Path) -> list[Entry]:
+    """Every complete entry in the file."""
+    return RecordReader(path).read_new()

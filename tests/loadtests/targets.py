@@ -1,0 +1,193 @@
+"""Targets for the load-test integration tests, and their own view of a load window.
+
+A target is a running OpenAI-compatible server plus a way to read what it measured: the simulated LMDeploy
+engine now (``lmdeploy:`` metrics, in simulated seconds), the tpgate gateway later (``tpgate_`` metrics, in
+real seconds) — the tests compare the load test's summary with :class:`TargetWindow` and do not care which.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.engines import metric_names as names
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str, *, timeout_s: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.read()
+
+
+def scrape(url: str) -> dict[tuple[str, str | None], float]:
+    """Every sample of ``url``'s /metrics, summed over labels except a histogram's ``le``."""
+    totals: dict[tuple[str, str | None], float] = defaultdict(float)
+    for family in text_string_to_metric_families(get(f"{url}/metrics").decode()):
+        for sample in family.samples:
+            totals[(sample.name, sample.labels.get("le"))] += sample.value
+    return dict(totals)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus's ``histogram_quantile``: ``buckets`` are (upper bound, cumulative count), sorted."""
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for upper_bound, count in buckets:
+        if count >= rank:
+            if math.isinf(upper_bound):
+                return lower_bound
+            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = upper_bound, count
+    return lower_bound
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the target had counted at one moment."""
+
+    samples: dict[tuple[str, str | None], float]
+
+
+class ClockTracker:
+    """Samples a target's clock against the wall clock (Unix time) in a background thread, so that its seconds
+    convert to wall seconds over exactly the stretch a load test was busy.
+
+    The simulated engine's clock runs ``time_scale`` times faster than real time, and slower than that while it
+    lags behind a busy CPU; a real target's clock is the wall clock.
+    """
+
+    def __init__(self, read_clock_s: Callable[[], float], *, interval_s: float = 0.1) -> None:
+        self._read_clock_s = read_clock_s
+        self._interval_s = interval_s
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClockTracker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._samples.append((time.time(), self._read_clock_s()))
+            self._stop.wait(self._interval_s)
+
+    def rate(self, start_s: float, end_s: float) -> float:
+        """Target seconds per wall second between two Unix times."""
+        return (self._at(end_s) - self._at(start_s)) / (end_s - start_s)
+
+    def _at(self, wall_s: float) -> float:
+        samples = self._samples
+        if not samples[0][0] <= wall_s <= samples[-1][0]:
+            raise ValueError(f"{wall_s} is outside the tracked span {samples[0][0]} .. {samples[-1][0]}")
+        right = bisect.bisect_left(samples, (wall_s, -math.inf))
+        (w0, c0), (w1, c1) = samples[max(right - 1, 0)], samples[right]
+        return c0 if w1 == w0 else c0 + (c1 - c0) * (wall_s - w0) / (w1 - w0)
+
+
+@dataclass(frozen=True)
+class TargetWindow:
+    """The target's own measurements between two snapshots, latencies converted to wall-clock seconds."""
+
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    e2e_mean_s: float
+    ttft_mean_s: float
+    e2e_p50_s: float | None
+    target_seconds_per_wall_second: float
+
+    @classmethod
+    def between(cls, before: Snapshot, after: Snapshot, *, target_seconds_per_wall_second: float) -> TargetWindow:
+        def delta(name: str, le: str | None = None) -> float:
+            return after.samples.get((name, le), 0.0) - before.samples.get((name, le), 0.0)
+
+        scale = target_seconds_per_wall_second
+        e2e, ttft = names.E2E_REQUEST_LATENCY_SECONDS, names.TIME_TO_FIRST_TOKEN_SECONDS
+        count = delta(f"{e2e}_count")
+        bucket_les = sorted({le for (name, le) in after.samples if name == f"{e2e}_bucket" and le}, key=float)
+        buckets = [(float(le), delta(f"{e2e}_bucket", le)) for le in bucket_les]
+        p50 = histogram_quantile(0.5, buckets)
+        return cls(
+            requests=round(delta(names.REQUEST_SUCCESS_TOTAL)),
+            prompt_tokens=round(delta(names.PROMPT_TOKENS_TOTAL)),
+            output_tokens=round(delta(names.GENERATION_TOKENS_TOTAL)),
+            e2e_mean_s=delta(f"{e2e}_sum") / count / scale if count else 0.0,
+            ttft_mean_s=delta(f"{ttft}_sum") / delta(f"{ttft}_count") / scale if count else 0.0,
+            e2e_p50_s=None if p50 is None else p50 / scale,
+            target_seconds_per_wall_second=scale,
+        )
+
+
+class SimEngineTarget:
+    """``tpgate engine sim`` in a subprocess on a free loopback port; stopped by :meth:`close`."""
+
+    def __init__(self, *, model: str = "llama-2-7b", gpu: str = "a100-80gb", tp: int = 1, time_scale: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = model
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the engine writes to it until close()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "engine", "sim", "--model", model, "--gpu", gpu, "--tp", str(tp),
+             "--host", "127.0.0.1", "--port", str(self.port), "--time-scale", repr(time_scale)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"the simulated engine exited: {self._log.read().decode()[-2000:]}")
+            try:
+                get(f"{self.url}/health", timeout_s=1.0)
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"the simulated engine did not become healthy in {STARTUP_TIMEOUT_S:g} s")
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(samples=scrape(self.url))
+
+    def clock_s(self) -> float:
+        """The engine's simulated time."""
+        return float(json.loads(get(f"{self.url}/sim/stats", timeout_s=2.0))["simulated_time_s"])
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()

@@ -1,0 +1,48 @@
+from loadtests.records import Phase, RecordReader, RecordWriter, RequestRecord, from_line, read_entries, to_line
+
+
+def record(**fields):
+    base = dict(index=0, start_s=100.0, e2e_s=2.0, ttft_s=0.5, output_tokens=4, prompt_tokens=10, ok=True)
+    return RequestRecord(**{**base, **fields})
+
+
+def test_tpot_is_the_time_after_the_first_token_per_later_token():
+    assert record(e2e_s=2.0, ttft_s=0.5, output_tokens=4).tpot_s == 0.5
+    assert record(output_tokens=1).tpot_s is None
+    assert record(ttft_s=None).tpot_s is None
+    assert record(start_s=10.0, e2e_s=2.5).end_s == 12.5
+
+
+def test_lines_round_trip():
+    for entry in (record(error="HTTP 500", ok=False, status=500), Phase("stop", 5.0, "duration")):
+        line = to_line(entry)
+        assert line.endswith("\n") and line.count("\n") == 1
+        assert from_line(line) == entry
+
+
+def test_reader_follows_a_growing_file_and_waits_for_half_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    reader = RecordReader(path)
+    assert reader.read_new() == []  # not there yet
+    with path.open("w") as stream:
+        writer = RecordWriter(stream)
+        writer.write(Phase("measure", 1.0))
+        writer.write(record(index=1))
+        assert reader.read_new() == [Phase("measure", 1.0), record(index=1)]
+        line = to_line(record(index=2))
+        stream.write(line[:10])
+        stream.flush()
+        assert reader.read_new() == []
+        stream.write(line[10:])
+        stream.flush()
+        assert reader.read_new() == [record(index=2)]
+    assert len(read_entries(path)) == 3
+
+
+def test_writer_ignores_entries_after_close(tmp_path):
+    path = tmp_path / "r.jsonl"
+    writer = RecordWriter(path.open("w"))
+    writer.write(record())
+    writer.close()
+    writer.write(record(index=9))
+    assert read_entries(path) == [record()]
