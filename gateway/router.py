@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -27,21 +25,12 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from gateway.asgi import (
-    SSE_HEADERS,
-    ClientDisconnected,
-    Receive,
-    Scope,
-    Send,
-    header,
-    read_body,
-    send_bytes,
-    send_error,
-    send_json,
-)
+from gateway.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_bytes, send_error, send_json
+from gateway.auth import api_key_class, require_admin
 from gateway.errors import ApiError
 from gateway.gate import ConcurrencyGate
 from gateway.metrics import GatewayMetrics
+from gateway.relay import Outcome, relay_stream, relay_whole, until_disconnect
 from gateway.routing import (
     CLASS_HEADER,
     Endpoint,
@@ -52,18 +41,7 @@ from gateway.routing import (
     classify,
     served_model_ids,
 )
-from gateway.upstream import (
-    DONE_EVENT,
-    Timeouts,
-    UpstreamFailure,
-    error_event,
-    is_usage_event,
-    new_session,
-    post,
-    read_all,
-    sse_events,
-    usage_of,
-)
+from gateway.upstream import Timeouts, UpstreamFailure, new_session, post
 
 logger = logging.getLogger("tpgate.router")
 
@@ -71,7 +49,6 @@ SUSPECT_FOR_S = 5.0  # a replica that refused a connection is avoided this long,
 REPORT_PERIOD_S = 0.5
 WATCH_TIMEOUT_S = 10.0
 CLIENT_CLOSED = "499"
-STREAM_BROKEN = "502"
 
 
 class ControlPlane(Protocol):
@@ -84,11 +61,6 @@ class ControlPlane(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
 
-def secret_digest(secret: str) -> str:
-    """Routers keep digests of API keys and the admin token, never the secrets themselves."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class RouterSettings:
     timeouts: Timeouts
@@ -99,18 +71,6 @@ class RouterSettings:
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
-
-
-@dataclass
-class _Outcome:
-    """What one proxied request ended as, for the metrics."""
-
-    pool: str = "none"
-    status: str = "500"
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    output_tokens: int = 0
-    prompt_tokens: int = 0
 
 
 class Router:
@@ -254,7 +214,7 @@ class Router:
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._authenticate(scope)
+        api_key_class(scope, self._settings.api_key_classes)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "tpgate"} for m in served_model_ids(self._table)]
         await send_json(send, 200, {"object": "list", "data": data})
 
@@ -269,34 +229,14 @@ class Router:
                                                         "version": self._table.version})
 
     async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
-        expected = self._settings.admin_token_digest
-        token = _bearer(scope)
-        if expected is None:
-            raise ApiError(403, "the admin API is disabled: no admin token is configured")
-        if token is None or not hmac.compare_digest(secret_digest(token), expected):
-            raise ApiError(401, "admin API: missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        require_admin(scope, self._settings.admin_token_digest)
         await send_json(send, 200, await self._control.status())
-
-    def _authenticate(self, scope: Scope) -> str | None:
-        """The API key's default class; 401 when keys are configured and the request has no valid one."""
-        keys = self._settings.api_key_classes
-        if not keys:
-            return None
-        token = _bearer(scope)
-        if token is None:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        digest = secret_digest(token)
-        for known, default_class in keys.items():
-            if hmac.compare_digest(digest, known):
-                return default_class
-        raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # --- the proxy ------------------------------------------------------------------------------------
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        key_class = self._authenticate(scope)
+        key_class = api_key_class(scope, self._settings.api_key_classes)
         body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
         try:
             payload = json.loads(body)
@@ -312,9 +252,9 @@ class Router:
             body = json.dumps(payload).encode()
         stream = payload.get("stream") is True
         path = scope["path"]
-        outcome = _Outcome()
+        outcome = Outcome()
         try:
-            await _until_disconnect(receive, self._forward(table, route.route, path, body, stream, send, outcome))
+            await until_disconnect(receive, self._forward(table, route.route, path, body, stream, send, outcome))
         except ApiError as error:
             outcome.status = str(error.status)
             raise
@@ -325,7 +265,7 @@ class Router:
             self._record(route.route, outcome, started)
 
     async def _forward(
-        self, table: RoutingTable, route: str, path: str, body: bytes, stream: bool, send: Send, outcome: _Outcome
+        self, table: RoutingTable, route: str, path: str, body: bytes, stream: bool, send: Send, outcome: Outcome
     ) -> None:
         weights = table.routes[route]
         tried_pools: set[str] = set()
@@ -385,7 +325,7 @@ class Router:
         return endpoint or choose_replica(pool.endpoints, self._inflight_by_replica, self._rng, exclude=tried)
 
     async def _attempt(
-        self, pool: PoolView, endpoint: Endpoint, path: str, body: bytes, stream: bool, send: Send, outcome: _Outcome
+        self, pool: PoolView, endpoint: Endpoint, path: str, body: bytes, stream: bool, send: Send, outcome: Outcome
     ) -> None:
         assert self._session is not None, "router used before its lifespan started"
         replica = endpoint.replica_id
@@ -395,75 +335,14 @@ class Router:
         try:
             resp = await post(self._session, endpoint.url + path, body, self._settings.timeouts)
             if stream and resp.status == 200:
-                await self._relay_stream(resp, send, outcome)
+                await relay_stream(resp, send, outcome)
             else:
-                await self._relay_whole(resp, send, outcome)
+                await relay_whole(resp, send, outcome)
         finally:
             self._inflight_by_replica[replica] -= 1
             gauge.dec()
 
-    async def _relay_whole(self, resp: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
-        status = resp.status
-        content_type = resp.headers.get("content-type", "application/json").encode()
-        data = await read_all(resp)
-        outcome.status = str(status)
-        if status == 200:
-            usage = usage_of(data) or {}
-            outcome.output_tokens = int(usage.get("completion_tokens") or 0)
-            outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        await send_bytes(send, status, data, [(b"content-type", content_type)])
-
-    async def _relay_stream(self, resp: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
-        events = sse_events(resp)
-        try:
-            try:
-                first = await anext(events)
-            except StopAsyncIteration:
-                raise UpstreamFailure("disconnect", "engine closed the stream before its first event",
-                                      retryable=True) from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                raise UpstreamFailure("disconnect", f"engine broke off the stream: {exc}", retryable=True) from None
-            except TimeoutError:
-                raise UpstreamFailure("timeout", "engine sent no first event in time", retryable=False) from None
-            # committed: from here on the client has bytes, so failures end the stream instead of retrying
-            outcome.status = "200"
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            finished = await self._pump(first, events, send, outcome)
-            if not finished:
-                outcome.status = STREAM_BROKEN
-                await send({"type": "http.response.body", "body": error_event("the engine stream ended early"),
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            resp.close()  # unread: drops the connection, which cancels the request in the engine
-
-    async def _pump(self, first: bytes, events: Any, send: Send, outcome: _Outcome) -> bool:
-        """Forward events as they arrive; True when the engine ended with ``[DONE]``."""
-        event = first
-        try:
-            while True:
-                if event == DONE_EVENT or event.startswith(b"data: [DONE]"):
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-                    return True
-                if is_usage_event(event):
-                    usage = usage_of(event) or {}
-                    outcome.output_tokens = int(usage.get("completion_tokens") or outcome.output_tokens)
-                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                elif event.startswith(b"data:"):
-                    now = time.perf_counter()
-                    if outcome.first_token_at is None:
-                        outcome.first_token_at = now
-                    outcome.last_token_at = now
-                    outcome.output_tokens += 1
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                event = await anext(events)
-        except StopAsyncIteration:
-            return False
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("engine stream broke: %s", exc)
-            return False
-
-    def _record(self, route: str, outcome: _Outcome, started: float) -> None:
+    def _record(self, route: str, outcome: Outcome, started: float) -> None:
         m = self.metrics
         m.requests.labels(route, outcome.pool, outcome.status).inc()
         if outcome.status != "200":
@@ -476,33 +355,3 @@ class Router:
             if outcome.last_token_at is not None and outcome.output_tokens > 1:
                 gap = (outcome.last_token_at - outcome.first_token_at) / (outcome.output_tokens - 1)
                 m.time_per_output_token.labels(route, outcome.pool).observe(gap)
-
-
-def _bearer(scope: Scope) -> str | None:
-    value = header(scope, b"authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
-
-
-async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
-    """Run ``work``; if the client disconnects first, cancel it (which closes the upstream request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-    if not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientDisconnected
-    task.result()
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from gateway.auth import secret_digest
 from gateway.config import TpgateConfig, load_config
 from gateway.errors import UserError
 from gateway.initial_state import initial_state
 from gateway.planner import find_gpu, load_model
-from gateway.router import secret_digest
 from gateway.runtime import ensure_admin_token, ray_cluster, read_admin_token, resolve_api_keys
 from gateway.state import Capacity, StateError, validate_state
 

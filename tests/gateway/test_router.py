@@ -8,7 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.router import Router, RouterSettings, secret_digest
+from gateway.auth import secret_digest
+from gateway.router import Router, RouterSettings
 from gateway.routing import Endpoint, PoolView, RoutingTable
 from gateway.upstream import Timeouts
 from tests.gateway.asgi_server import serve_asgi

@@ -1,0 +1,50 @@
+"""Bearer-token checks. Routers keep SHA-256 digests of API keys and of the admin token, never the secrets,
+and compare them in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+from gateway.asgi import Scope, header
+from gateway.errors import ApiError
+
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def bearer_token(scope: Scope) -> str | None:
+    value = header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+
+
+def api_key_class(scope: Scope, key_classes: Mapping[str, str | None]) -> str | None:
+    """The API key's default class; 401 when keys are configured and the request has no valid one."""
+    if not key_classes:
+        return None
+    token = bearer_token(scope)
+    if token is None:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                       headers=BEARER_CHALLENGE)
+    digest = secret_digest(token)
+    for known, default_class in key_classes.items():
+        if hmac.compare_digest(digest, known):
+            return default_class
+    raise ApiError(401, "invalid API key", code="invalid_api_key", headers=BEARER_CHALLENGE)
+
+
+def require_admin(scope: Scope, admin_digest: str | None) -> None:
+    if admin_digest is None:
+        raise ApiError(403, "the admin API is disabled: no admin token is configured")
+    token = bearer_token(scope)
+    if token is None or not hmac.compare_digest(secret_digest(token), admin_digest):
+        raise ApiError(401, "admin API: missing or invalid bearer token", headers=BEARER_CHALLENGE)

@@ -1,0 +1,124 @@
+"""Relaying an engine's response to the client, one SSE event at a time, and noting what it carried.
+
+The relay reads usage (prompt and completion tokens) and the times of the first and last streamed token
+into an :class:`Outcome`, which the router turns into metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.asgi import SSE_HEADERS, ClientDisconnected, Receive, Send, send_bytes
+from gateway.upstream import DONE_EVENT, UpstreamFailure, error_event, is_usage_event, read_all, sse_events, usage_of
+
+logger = logging.getLogger("tpgate.router")
+
+STREAM_BROKEN = "502"  # status recorded for a stream that broke after it started
+
+
+@dataclass
+class Outcome:
+    """What one proxied request ended as, for the metrics."""
+
+    pool: str = "none"
+    status: str = "500"
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+async def relay_whole(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
+    """Forward a complete (non-streamed or error) response, reading its usage."""
+    status = resp.status
+    content_type = resp.headers.get("content-type", "application/json").encode()
+    data = await read_all(resp)
+    outcome.status = str(status)
+    if status == 200:
+        usage = usage_of(data) or {}
+        outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+        outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    await send_bytes(send, status, data, [(b"content-type", content_type)])
+
+
+async def relay_stream(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
+    """Forward an SSE stream. Until its first event arrives a failure is an :class:`UpstreamFailure` (the
+    caller may retry); after that the stream ends with an error event and ``[DONE]`` instead."""
+    events = sse_events(resp)
+    try:
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            raise UpstreamFailure("disconnect", "engine closed the stream before its first event",
+                                  retryable=True) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise UpstreamFailure("disconnect", f"engine broke off the stream: {exc}", retryable=True) from None
+        except TimeoutError:
+            raise UpstreamFailure("timeout", "engine sent no first event in time", retryable=False) from None
+        # committed: from here on the client has bytes, so failures end the stream instead of retrying
+        outcome.status = "200"
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        finished = await _pump(first, events, send, outcome)
+        if not finished:
+            outcome.status = STREAM_BROKEN
+            await send({"type": "http.response.body", "body": error_event("the engine stream ended early"),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        resp.close()  # unread: drops the connection, which cancels the request in the engine
+
+
+async def _pump(first: bytes, events: AsyncIterator[bytes], send: Send, outcome: Outcome) -> bool:
+    """Forward events as they arrive; True when the engine ended with ``[DONE]``."""
+    event = first
+    try:
+        while True:
+            if event == DONE_EVENT or event.startswith(b"data: [DONE]"):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                return True
+            if is_usage_event(event):
+                usage = usage_of(event) or {}
+                outcome.output_tokens = int(usage.get("completion_tokens") or outcome.output_tokens)
+                outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            elif event.startswith(b"data:"):
+                now = time.perf_counter()
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = now
+                outcome.last_token_at = now
+                outcome.output_tokens += 1
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            event = await anext(events)
+    except StopAsyncIteration:
+        return False
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("engine stream broke: %s", exc)
+        return False
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which closes the upstream request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected
+    task.result()
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
