@@ -41,10 +41,10 @@ from gateway.planner.tp import EngineKnobs, evaluate_tp, kv_cache_bytes_per_toke
 
 # Share of peak HBM bandwidth that decode kernels reach. Fitted to the batch-1 figure (about 100 tokens/s
 # for Llama-2-7B on an A100: 13.2 GB of weights per token) together with STEP_OVERHEAD_S.
-HBM_EFFICIENCY = 0.78
+HBM_EFFICIENCY = 0.80
 # Share of peak dense bf16 FLOP/s reached by GEMMs and attention (prefill and decode alike). Fitted to the
 # slope of the static-batch curve (batch 16 -> 64) and consistent with the 55-65 % MFU usual for prefill.
-COMPUTE_EFFICIENCY = 0.60
+COMPUTE_EFFICIENCY = 0.65
 # Fixed cost of one engine step: scheduling, sampling, detokenisation, kernel launches (batch-1 residual).
 STEP_OVERHEAD_S = 2.0e-3
 # Share of the link bandwidth a ring all-reduce reaches (NCCL bus bandwidth over the raw figure).
