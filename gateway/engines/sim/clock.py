@@ -3,9 +3,10 @@
 The engine measures and reports everything (step times, TTFT, metrics) in simulated seconds, so its figures
 do not depend on the time scale. Whenever a sleep ends late (a busy CPU, the event loop's timer
 granularity), the clock is re-anchored at the step's simulated end instead of catching up with a burst of
-short steps: simulated time then runs a little slower than ``time_scale`` x real time, and the model's step
-durations stay exact in simulated seconds. Seen from outside, latencies are at least the simulated ones
-divided by ``time_scale``.
+short steps; simulated time then runs a little slower than ``time_scale`` x real time, and step durations
+stay as the model says in simulated seconds. (If a request read the clock during the overrun, the anchor is
+that later reading instead: simulated time never runs backwards.) Seen from outside, latencies are at least
+the simulated ones divided by ``time_scale``.
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ class ScaledClock:
         self._sleep = sleep
         self._real_anchor_s = monotonic()
         self._sim_anchor_s = 0.0
+        self._latest_read_s = 0.0  # simulated time never runs backwards past a value someone has read
 
     def now_s(self) -> float:
+        self._latest_read_s = max(self._latest_read_s, self._scaled_now_s())
+        return self._latest_read_s
+
+    def _scaled_now_s(self) -> float:
         return self._sim_anchor_s + (self._monotonic() - self._real_anchor_s) * self.time_scale
 
     async def sleep_until(self, deadline_s: float) -> None:
-        wait_real_s = (deadline_s - self.now_s()) / self.time_scale
+        wait_real_s = (deadline_s - self._scaled_now_s()) / self.time_scale
         await self._sleep(max(0.0, wait_real_s))
-        if self.now_s() > deadline_s:
+        if self._scaled_now_s() > deadline_s:
             # Late (a busy CPU, or the loop's timer granularity): the step ends at its deadline in simulated
             # time, and the clock goes on from there instead of catching up.
             self._real_anchor_s = self._monotonic()
-            self._sim_anchor_s = deadline_s
+            self._sim_anchor_s = max(deadline_s, self._latest_read_s)
 
 
 class ManualClock:

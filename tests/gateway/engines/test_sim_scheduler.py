@@ -191,3 +191,17 @@ async def test_scaled_clock_runs_faster_and_never_catches_up_after_being_late():
     assert clock.now_s() == pytest.approx(20.0)  # the lateness does not count as simulated time
     now[0] += 1.0
     assert clock.now_s() == pytest.approx(30.0)
+
+
+async def test_scaled_clock_never_goes_back_past_a_time_it_reported():
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.5
+        seen.append(clock.now_s())  # a request arriving while the step overran
+
+    seen: list[float] = []
+    clock = ScaledClock(10.0, monotonic=lambda: now[0], sleep=late_sleep)
+    await clock.sleep_until(20.0)
+    assert seen == [pytest.approx(25.0)]
+    assert clock.now_s() == pytest.approx(25.0)
