@@ -1,8 +1,8 @@
 """Targets for the load-test integration tests, and their own view of a load window.
 
 A target is a running OpenAI-compatible server plus a way to read what it measured: the simulated LMDeploy
-engine now (``lmdeploy:`` metrics, in simulated seconds), the tpgate gateway later (``tpgate_`` metrics, in
-real seconds) — the tests compare the load test's summary with :class:`TargetWindow` and do not care which.
+engine (``lmdeploy:`` metrics, in simulated seconds) or the tpgate gateway (``tpgate_`` metrics, in real
+seconds) — the tests compare the load test's summary with :class:`TargetWindow` and do not care which.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,13 +38,16 @@ def get(url: str, *, timeout_s: float = 5.0) -> bytes:
         return response.read()
 
 
-def scrape(url: str) -> dict[tuple[str, str | None], float]:
-    """Every sample of ``url``'s /metrics, summed over labels except a histogram's ``le``."""
-    totals: dict[tuple[str, str | None], float] = defaultdict(float)
-    for family in text_string_to_metric_families(get(f"{url}/metrics").decode()):
-        for sample in family.samples:
-            totals[(sample.name, sample.labels.get("le"))] += sample.value
-    return dict(totals)
+Sample = tuple[str, dict[str, str], float]
+
+
+def scrape(url: str) -> list[Sample]:
+    """Every sample of ``url``'s /metrics: (name, labels, value)."""
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(get(f"{url}/metrics").decode())
+        for sample in family.samples
+    ]
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -65,10 +67,45 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 @dataclass(frozen=True)
+class MetricFamilies:
+    """Where a target counts requests, tokens and latencies (successful requests only, in both vocabularies)."""
+
+    requests: str  # counter of finished requests
+    success_labels: dict[str, str] | None  # labels that select the successful ones; None: it counts only those
+    status_label: str | None  # label carrying the HTTP status, when the target counts failures too
+    prompt_tokens: str
+    output_tokens: str
+    e2e: str  # histogram (base name)
+    ttft: str  # histogram (base name)
+    tpot: str  # histogram (base name), one observation per request: its mean gap between tokens
+
+
+LMDEPLOY = MetricFamilies(
+    requests=names.REQUEST_SUCCESS_TOTAL, success_labels=None, status_label=None,
+    prompt_tokens=names.PROMPT_TOKENS_TOTAL, output_tokens=names.GENERATION_TOKENS_TOTAL,
+    e2e=names.E2E_REQUEST_LATENCY_SECONDS, ttft=names.TIME_TO_FIRST_TOKEN_SECONDS,
+    tpot=names.TIME_PER_OUTPUT_TOKEN_SECONDS,
+)
+TPGATE = MetricFamilies(
+    requests="tpgate_requests_total", success_labels={"status": "200"}, status_label="status",
+    prompt_tokens="tpgate_prompt_tokens_total", output_tokens="tpgate_output_tokens_total",
+    e2e="tpgate_request_duration_seconds", ttft="tpgate_time_to_first_token_seconds",
+    tpot="tpgate_time_per_output_token_seconds",
+)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the target had counted at one moment."""
 
-    samples: dict[tuple[str, str | None], float]
+    samples: list[Sample]
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for n, sample_labels, v in self.samples
+                   if n == name and all(sample_labels.get(k) == want for k, want in labels.items()))
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {sample_labels[label] for n, sample_labels, _ in self.samples if n == name and label in sample_labels}
 
 
 class ClockTracker:
@@ -116,38 +153,68 @@ class ClockTracker:
 class TargetWindow:
     """The target's own measurements between two snapshots, latencies converted to wall-clock seconds."""
 
-    requests: int
+    successes: int
+    by_status: dict[str, int] | None  # finished requests by HTTP status; None when the target counts only successes
     prompt_tokens: int
     output_tokens: int
     e2e_mean_s: float
     ttft_mean_s: float
+    tpot_mean_s: float
     e2e_p50_s: float | None
     target_seconds_per_wall_second: float
 
     @classmethod
-    def between(cls, before: Snapshot, after: Snapshot, *, target_seconds_per_wall_second: float) -> TargetWindow:
-        def delta(name: str, le: str | None = None) -> float:
-            return after.samples.get((name, le), 0.0) - before.samples.get((name, le), 0.0)
+    def between(
+        cls, before: Snapshot, after: Snapshot, *, families: MetricFamilies, target_seconds_per_wall_second: float
+    ) -> TargetWindow:
+        def delta(name: str, **labels: str) -> float:
+            return after.total(name, **labels) - before.total(name, **labels)
 
-        scale = target_seconds_per_wall_second
-        e2e, ttft = names.E2E_REQUEST_LATENCY_SECONDS, names.TIME_TO_FIRST_TOKEN_SECONDS
-        count = delta(f"{e2e}_count")
-        bucket_les = sorted({le for (name, le) in after.samples if name == f"{e2e}_bucket" and le}, key=float)
-        buckets = [(float(le), delta(f"{e2e}_bucket", le)) for le in bucket_les]
-        p50 = histogram_quantile(0.5, buckets)
+        f, scale = families, target_seconds_per_wall_second
+        by_status = None
+        if f.status_label is not None:
+            statuses = after.label_values(f.requests, f.status_label)
+            by_status = {s: n for s in statuses if (n := round(delta(f.requests, **{f.status_label: s})))}
+        count, ttft_count, tpot_count = delta(f"{f.e2e}_count"), delta(f"{f.ttft}_count"), delta(f"{f.tpot}_count")
+        les = sorted(after.label_values(f"{f.e2e}_bucket", "le"), key=float)
+        p50 = histogram_quantile(0.5, [(float(le), delta(f"{f.e2e}_bucket", le=le)) for le in les])
         return cls(
-            requests=round(delta(names.REQUEST_SUCCESS_TOTAL)),
-            prompt_tokens=round(delta(names.PROMPT_TOKENS_TOTAL)),
-            output_tokens=round(delta(names.GENERATION_TOKENS_TOTAL)),
-            e2e_mean_s=delta(f"{e2e}_sum") / count / scale if count else 0.0,
-            ttft_mean_s=delta(f"{ttft}_sum") / delta(f"{ttft}_count") / scale if count else 0.0,
+            successes=round(delta(f.requests, **(f.success_labels or {}))),
+            by_status=by_status,
+            prompt_tokens=round(delta(f.prompt_tokens)),
+            output_tokens=round(delta(f.output_tokens)),
+            e2e_mean_s=delta(f"{f.e2e}_sum") / count / scale if count else 0.0,
+            ttft_mean_s=delta(f"{f.ttft}_sum") / ttft_count / scale if ttft_count else 0.0,
+            tpot_mean_s=delta(f"{f.tpot}_sum") / tpot_count / scale if tpot_count else 0.0,
             e2e_p50_s=None if p50 is None else p50 / scale,
             target_seconds_per_wall_second=scale,
         )
 
 
+class GatewayTarget:
+    """A running tpgate gateway (the test session's ``gateway``): ``tpgate_`` metrics, in wall-clock seconds."""
+
+    families = TPGATE
+
+    def __init__(self, url: str, *, api_key: str) -> None:
+        self.url = url
+        self.api_key = api_key
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(samples=scrape(self.url))
+
+    def clock_s(self) -> float:
+        return time.time()
+
+    def close(self) -> None:
+        """The session owns the gateway."""
+
+
 class SimEngineTarget:
     """``tpgate engine sim`` in a subprocess on a free loopback port; stopped by :meth:`close`."""
+
+    families = LMDEPLOY
+    api_key = None
 
     def __init__(self, *, model: str = "llama-2-7b", gpu: str = "a100-80gb", tp: int = 1, time_scale: float) -> None:
         self.port = free_port()
