@@ -2,7 +2,8 @@
 environment overrides, then command-line flags, and passed down.
 
 Environment overrides name a field path with double underscores: ``TPGATE_GPUS=4``,
-``TPGATE_SERVER__PORT=9000``. Values are parsed as YAML scalars (``4`` is an int, ``true`` a bool).
+``TPGATE_SERVER__PORT=9000``. Values are parsed as YAML scalars (``4`` is an int, ``true`` a bool). Only
+variables whose first part names a top-level field are read; a bad value there is an error.
 """
 
 from __future__ import annotations
@@ -212,8 +213,10 @@ def load_config(
     if path is not None:
         data = _read_yaml(Path(path))
     for key, value in (environ or {}).items():
-        if key.startswith(ENV_PREFIX):
-            _set_path(data, key.removeprefix(ENV_PREFIX).lower().split("__"), yaml.safe_load(value))
+        path = key.removeprefix(ENV_PREFIX).lower().split("__")
+        # other TPGATE_ variables (TPGATE_API_KEY, TPGATE_LOAD_*) belong to other commands
+        if key.startswith(ENV_PREFIX) and path[0] in TpgateConfig.model_fields:
+            _set_path(data, path, yaml.safe_load(value))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_path(data, key.split("."), value)

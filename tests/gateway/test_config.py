@@ -25,7 +25,8 @@ def test_defaults_are_the_embedded_default():
 
 def test_file_then_environment_then_flags(tmp_path):
     path = write(tmp_path, "gpus: 4\nserver: {port: 9000}\n")
-    config = load_config(path, environ={"TPGATE_SERVER__PORT": "9100", "TPGATE_GPUS": "2", "OTHER": "x"},
+    config = load_config(path, environ={"TPGATE_SERVER__PORT": "9100", "TPGATE_GPUS": "2", "OTHER": "x",
+                                        "TPGATE_API_KEY": "sk-for-tpgate-load"},
                          overrides={"gpus": 1, "server.host": None})
     assert (config.gpus, config.server.port, config.server.host) == (1, 9100, "127.0.0.1")
 
@@ -48,6 +49,11 @@ def test_bad_configuration_is_a_user_error(tmp_path, text, message):
     with pytest.raises(UserError) as info:
         load_config(write(tmp_path, "gpus: 4\n" + text if not text.startswith("[") else text))
     assert message in str(info.value)
+
+
+def test_bad_environment_value_is_named():
+    with pytest.raises(UserError, match="server.port: Input should be a valid integer"):
+        load_config(environ={"TPGATE_SERVER__PORT": "eighty"})
 
 
 def test_api_key_secret_is_not_printed(tmp_path):
