@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, gpu_catalog
+from gateway.yamlfile import YamlFileError, read_yaml_mapping
 
 ENV_PREFIX = "TPGATE_"
 
@@ -211,7 +212,10 @@ def load_config(
     """File, then environment (``TPGATE_*``), then explicit overrides (flags); invalid values raise UserError."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        try:
+            data = read_yaml_mapping(Path(path), what="the configuration")
+        except YamlFileError as exc:
+            raise UserError(str(exc)) from None
     for key, value in (environ or {}).items():
         path = key.removeprefix(ENV_PREFIX).lower().split("__")
         # other TPGATE_ variables (TPGATE_API_KEY, TPGATE_LOAD_*) belong to other commands
@@ -224,20 +228,6 @@ def load_config(
         return TpgateConfig.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"invalid configuration: {_describe(exc)}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: the configuration must be a mapping")
-    return loaded
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -14,9 +14,9 @@ import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.yamlfile import YamlFileError, read_yaml_mapping
 from loadtests.errors import LoadTestInputError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -191,13 +191,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
             "nor a YAML file"
         )
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise LoadTestInputError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise LoadTestInputError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise LoadTestInputError(f"{path}: a profile must be a mapping of fields")
+        data = read_yaml_mapping(path, what="a profile")
+    except YamlFileError as exc:
+        raise LoadTestInputError(str(exc)) from None
     data.setdefault("name", path.stem)
     return validate_profile(data, source=str(path))
 

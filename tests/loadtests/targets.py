@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,9 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.engines import metric_names as names
+from tests.processes import free_port
 
 STARTUP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str, *, timeout_s: float = 5.0) -> bytes:
