@@ -217,10 +217,10 @@ def load_config(
         except YamlFileError as exc:
             raise UserError(str(exc)) from None
     for key, value in (environ or {}).items():
-        path = key.removeprefix(ENV_PREFIX).lower().split("__")
+        field_path = key.removeprefix(ENV_PREFIX).lower().split("__")
         # other TPGATE_ variables (TPGATE_API_KEY, TPGATE_LOAD_*) belong to other commands
-        if key.startswith(ENV_PREFIX) and path[0] in TpgateConfig.model_fields:
-            _set_path(data, path, yaml.safe_load(value))
+        if key.startswith(ENV_PREFIX) and field_path[0] in TpgateConfig.model_fields:
+            _set_path(data, field_path, yaml.safe_load(value))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_path(data, key.split("."), value)
