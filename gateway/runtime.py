@@ -12,16 +12,16 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway import haproxy_guard
 from gateway.auth import secret_digest
 from gateway.config import TpgateConfig
 from gateway.errors import UserError
-
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def resolve_api_keys(config: TpgateConfig, environ: Mapping[str, str]) -> dict[str, str | None]:
@@ -66,19 +66,24 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
     """Start Ray (or join ``config.ray_address``); yields whether this process started it."""
     import ray
 
-    if config.server.fast_path == "haproxy":
-        os.environ.update(HAPROXY_ENV)
-    started = config.ray_address is None
-    kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": False}
-    if started:
-        if config.engine.kind == "sim":
-            kwargs["num_gpus"] = config.gpus  # simulated GPUs: Ray accounts for them as for real ones
-        ray.init(**kwargs)
-    else:
-        ray.init(address=config.ray_address, **kwargs)
-    try:
-        yield started
-    finally:
+    with contextlib.ExitStack() as cleanup:
+        if config.server.fast_path == "haproxy":
+            # Ray's processes inherit these; the guard keeps HAProxy on loopback (gateway/haproxy_guard.py)
+            haproxy_dir, haproxy_env = haproxy_guard.prepare(
+                front_host=config.server.host, front_port=config.server.port, environ=os.environ)
+            cleanup.callback(shutil.rmtree, haproxy_dir, ignore_errors=True)
+            os.environ.update(haproxy_env)
+        started = config.ray_address is None
+        kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False,
+                                  "logging_level": logging.WARNING, "log_to_driver": False}
         if started:
-            ray.shutdown()
+            if config.engine.kind == "sim":
+                kwargs["num_gpus"] = config.gpus  # simulated GPUs: Ray accounts for them as for real ones
+            ray.init(**kwargs)
+        else:
+            ray.init(address=config.ray_address, **kwargs)
+        try:
+            yield started
+        finally:
+            if started:
+                ray.shutdown()
