@@ -7,12 +7,35 @@ Each router process owns one :class:`GatewayMetrics` with its own registry (no g
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                      7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                        0.3, 0.5, 1.0)
+
+
+class RouteSeries:
+    """The series of one (class, pool), bound once: label lookups cost more than the updates themselves."""
+
+    def __init__(self, metrics: GatewayMetrics, route: str, pool: str) -> None:
+        self._metrics = metrics
+        self._labels = (route, pool)
+        self._requests_by_status: dict[str, Any] = {}
+        self.request_duration = metrics.request_duration.labels(route, pool)
+        self.time_to_first_token = metrics.time_to_first_token.labels(route, pool)
+        self.time_per_output_token = metrics.time_per_output_token.labels(route, pool)
+        self.output_tokens = metrics.output_tokens.labels(route, pool)
+        self.prompt_tokens = metrics.prompt_tokens.labels(route, pool)
+        self.queue_wait = metrics.queue_wait.labels(route, pool)
+
+    def requests(self, status: str) -> Any:
+        counter = self._requests_by_status.get(status)
+        if counter is None:
+            counter = self._requests_by_status[status] = self._metrics.requests.labels(*self._labels, status)
+        return counter
 
 
 class GatewayMetrics:
@@ -56,6 +79,21 @@ class GatewayMetrics:
             "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
         self.state_version = Gauge(
             "tpgate_state_version", "Version of the controller state this router follows", registry=r)
+
+        self._series: dict[tuple[str, str], RouteSeries] = {}
+        self._inflight: dict[tuple[str, str], Any] = {}
+
+    def series(self, route: str, pool: str) -> RouteSeries:
+        series = self._series.get((route, pool))
+        if series is None:
+            series = self._series[(route, pool)] = RouteSeries(self, route, pool)
+        return series
+
+    def inflight_gauge(self, pool: str, replica: str) -> Any:
+        gauge = self._inflight.get((pool, replica))
+        if gauge is None:
+            gauge = self._inflight[(pool, replica)] = self.inflight.labels(pool, replica)
+        return gauge
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,7 +7,6 @@ into an :class:`Outcome`, which the router turns into metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -103,22 +102,26 @@ async def _pump(first: bytes, events: AsyncIterator[bytes], send: Send, outcome:
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
-    """Run ``work``; if the client disconnects first, cancel it (which closes the upstream request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    """Await ``work`` in this task; if the client disconnects first, cancel it (which closes the upstream
+    request) and raise :class:`ClientDisconnected`. One watcher task per request, nothing more."""
+    current = asyncio.current_task()
+    assert current is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        current.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await work
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise
+        current.uncancel()
+        raise ClientDisconnected from None
     finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-    if not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientDisconnected
-    task.result()
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+        watcher.cancel()  # before any other await, so it can never cancel what runs after the request

@@ -290,7 +290,7 @@ class Router:
                     code="overloaded",
                     headers={"Retry-After": str(self._settings.retry_after_s)},
                 )
-            self.metrics.queue_wait.labels(route, pool.id).observe(time.perf_counter() - waited_from)
+            self.metrics.series(route, pool.id).queue_wait.observe(time.perf_counter() - waited_from)
             try:
                 while attempts < self._settings.max_attempts:
                     endpoint = self._pick_replica(pool, tried_replicas)
@@ -330,7 +330,7 @@ class Router:
         assert self._session is not None, "router used before its lifespan started"
         replica = endpoint.replica_id
         self._inflight_by_replica[replica] = self._inflight_by_replica.get(replica, 0) + 1
-        gauge = self.metrics.inflight.labels(pool.id, replica)
+        gauge = self.metrics.inflight_gauge(pool.id, replica)
         gauge.inc()
         try:
             resp = await post(self._session, endpoint.url + path, body, self._settings.timeouts)
@@ -343,15 +343,15 @@ class Router:
             gauge.dec()
 
     def _record(self, route: str, outcome: Outcome, started: float) -> None:
-        m = self.metrics
-        m.requests.labels(route, outcome.pool, outcome.status).inc()
+        series = self.metrics.series(route, outcome.pool)
+        series.requests(outcome.status).inc()
         if outcome.status != "200":
             return
-        m.request_duration.labels(route, outcome.pool).observe(time.perf_counter() - started)
-        m.output_tokens.labels(route, outcome.pool).inc(outcome.output_tokens)
-        m.prompt_tokens.labels(route, outcome.pool).inc(outcome.prompt_tokens)
+        series.request_duration.observe(time.perf_counter() - started)
+        series.output_tokens.inc(outcome.output_tokens)
+        series.prompt_tokens.inc(outcome.prompt_tokens)
         if outcome.first_token_at is not None:
-            m.time_to_first_token.labels(route, outcome.pool).observe(outcome.first_token_at - started)
+            series.time_to_first_token.observe(outcome.first_token_at - started)
             if outcome.last_token_at is not None and outcome.output_tokens > 1:
                 gap = (outcome.last_token_at - outcome.first_token_at) / (outcome.output_tokens - 1)
-                m.time_per_output_token.labels(route, outcome.pool).observe(gap)
+                series.time_per_output_token.observe(gap)

@@ -92,7 +92,7 @@ def gateway(tmp_path_factory) -> Gateway:
         yield gateway
     finally:
         started_engines = engine_pids(gateway.engine_ports()) if process.poll() is None else {}
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # what a service manager sends; Ctrl-C takes the same path
         try:
             process.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -100,3 +100,4 @@ def gateway(tmp_path_factory) -> Gateway:
             raise
         wait_until(lambda: not any(alive(pid) for pid in started_engines), timeout_s=20,
                    what="engines to stop with the gateway")
+        assert process.returncode == 0, f"tpgate serve stopped badly:\n{log_path.read_text()[-3000:]}"

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     token_path = ensure_admin_token(config.auth.admin_token_file)
     admin_digest = secret_digest(read_admin_token(token_path))
 
-    with _stop_on_sigterm(), ray_cluster(config) as started_ray:
+    # after ray.init, which installs a SIGTERM handler of its own that aborts the process mid-teardown
+    with ray_cluster(config) as started_ray, _stop_on_sigterm():
         from ray import serve
 
         from gateway import app

@@ -18,7 +18,7 @@ def write(tmp_path, text):
 def test_defaults_are_the_embedded_default():
     config = load_config()
     assert (config.model, config.gpu, config.gpus, config.engine.kind) == ("internvl2_5-38b", "h100-80gb", 8, "sim")
-    assert (config.server.host, config.server.port, config.server.fast_path) == ("127.0.0.1", 8000, "standard")
+    assert (config.server.host, config.server.port, config.server.fast_path) == ("127.0.0.1", 8000, "haproxy")
     assert set(config.classes) == {"interactive", "batch"}
     assert config.classes["interactive"].slo.ttft_p99_s == 0.5
 
