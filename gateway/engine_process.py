@@ -11,28 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
-import socket
 from collections.abc import Mapping, Sequence
 
 import aiohttp
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the engine binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from gateway.procutil import die_with_parent
 
 
 class EngineStartError(RuntimeError):
@@ -61,7 +46,7 @@ class EngineProcess:
             env={**os.environ, **env},
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so stop() reaches its children too
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         return cls(process, url)
 

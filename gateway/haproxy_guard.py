@@ -28,23 +28,21 @@ not collide.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import ipaddress
 import os
 import shlex
-import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from gateway.procutil import die_with_parent, free_loopback_port
+
 EXIT_UNSAFE = 78  # EX_CONFIG
 LOOPBACK_V4 = "127.0.0.1"
 WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0"})
 LOCAL_SOCKET_PREFIXES = ("/", "unix@")
-PR_SET_PDEATHSIG = 1
 MAX_SOCKET_PATH = 97  # HAProxy's limit for a unix socket path
 NODE_ID_CHARS = 56  # Ray's node id in hex, a directory level Ray adds under each configured path
 # Ports Ray would otherwise fix (8404, 9101, 8500); an operator's own setting wins.
@@ -133,7 +131,7 @@ def prepare(*, front_host: str, front_port: int, environ: Mapping[str, str]) -> 
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(runtime_dir / "server-state"),
     }
     for name in PORT_VARIABLES:
-        env[name] = environ.get(name) or str(_free_loopback_port())
+        env[name] = environ.get(name) or str(free_loopback_port())
     return runtime_dir, env
 
 
@@ -142,12 +140,6 @@ def _socket_friendly_tmp() -> str:
     base = tempfile.gettempdir()
     longest = len(base) + len("/tpg-XXXXXXXX/") + NODE_ID_CHARS + len("/metrics.sock")
     return base if longest <= MAX_SOCKET_PATH else "/tmp"
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK_V4, 0))
-        return int(sock.getsockname()[1])
 
 
 def _confine_file(path: Path, *, front: str) -> None:
@@ -162,12 +154,6 @@ def _confine_file(path: Path, *, front: str) -> None:
             with os.fdopen(fd, "w") as handle:
                 handle.write(confined)
             os.replace(tmp, path)
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tpgate haproxy guard: refusing to start HAProxy: {exc}", file=sys.stderr)
         return EXIT_UNSAFE
     with contextlib.suppress(AttributeError):  # not Linux: no parent-death signal, nothing else changes
-        _die_with_parent()
+        die_with_parent()
     if os.getppid() == 1:  # the parent died before the signal was armed
         return 1
     os.execv(real, [real, *haproxy_args])

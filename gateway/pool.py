@@ -17,9 +17,10 @@ import aiohttp
 import ray
 from ray import serve
 
-from gateway.engine_process import EngineProcess, free_loopback_port
+from gateway.engine_process import EngineProcess
 from gateway.engines import get_launcher
 from gateway.engines.base import EngineSpec
+from gateway.procutil import free_loopback_port
 
 logger = logging.getLogger("ray.serve")
 

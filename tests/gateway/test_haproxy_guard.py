@@ -108,7 +108,7 @@ def test_main_rewrites_the_file_then_execs_haproxy_with_the_same_arguments(tmp_p
     config.write_text(RAY_LISTENERS)
     calls = []
     monkeypatch.setattr(haproxy_guard.os, "execv", lambda path, argv: calls.append((path, argv)))
-    monkeypatch.setattr(haproxy_guard, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(haproxy_guard, "die_with_parent", lambda: None)
 
     argv = ["-db", "-f", str(config), "-dR", "-sf", "41"]
     haproxy_guard.main(["--real", "/opt/haproxy", "--front", FRONT, "--", *argv])
