@@ -110,7 +110,7 @@ class ServerConfig(StrictModel):
     fast_path: Literal["standard", "haproxy"] = Field(
         default="haproxy",
         description="haproxy: Ray Serve's HAProxy direct ingress (4-5x less added latency), its listeners kept on "
-        "loopback by gateway/haproxy_guard.py; standard: Serve's Python HTTP proxy (docs/benchmarks.md)",
+        "loopback by gateway/cluster/haproxy_guard.py; standard: Serve's Python HTTP proxy (docs/benchmarks.md)",
     )
 
 

@@ -12,13 +12,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from gateway.auth import secret_digest
+from gateway.cluster.runtime import ensure_admin_token, ray_cluster, read_admin_token, resolve_api_keys
 from gateway.config import TpgateConfig, load_config
+from gateway.control.initial_state import initial_state
+from gateway.control.state import Capacity, StateError, validate_state
+from gateway.dataplane.auth import secret_digest
 from gateway.errors import UserError
-from gateway.initial_state import initial_state
 from gateway.planner import find_gpu, load_model
-from gateway.runtime import ensure_admin_token, ray_cluster, read_admin_token, resolve_api_keys
-from gateway.state import Capacity, StateError, validate_state
 
 READY_POLL_S = 1.0
 TEARDOWN_TIMEOUT_S = 60.0
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     with ray_cluster(config) as started_ray, _stop_on_sigterm():
         from ray import serve
 
-        from gateway import app
+        from gateway.cluster import builders as app
 
         serve.start(http_options={"host": config.server.host, "port": config.server.port})
         controller = app.start_controller(config, capacity)
@@ -132,7 +132,7 @@ def _teardown(controller: Any, *, started_ray: bool) -> None:
     import ray
     from ray import serve
 
-    from gateway.app import POOL_APP_PREFIX, ROUTER_APP
+    from gateway.cluster.builders import POOL_APP_PREFIX, ROUTER_APP
 
     def ours() -> list[str]:
         return [n for n in serve.status().applications if n == ROUTER_APP or n.startswith(POOL_APP_PREFIX)]

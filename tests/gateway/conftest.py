@@ -1,7 +1,7 @@
 import pytest
 
+from gateway.control.state import Capacity
 from gateway.planner import find_gpu, load_model
-from gateway.state import Capacity
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Pool specs for tests."""
 
+from gateway.control.state import PoolSpec
 from gateway.engines.base import EngineSpec
 from gateway.planner import EngineKnobs
-from gateway.state import PoolSpec
 
 
 def make_pool(pool_id, tp=1, replicas=1, **knobs):

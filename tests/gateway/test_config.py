@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
+from gateway.control.initial_state import class_budgets, initial_state
+from gateway.control.state import Capacity, validate_state
 from gateway.errors import UserError
-from gateway.initial_state import class_budgets, initial_state
 from gateway.planner import load_model
-from gateway.state import Capacity, validate_state
 
 
 def write(tmp_path, text):

@@ -8,10 +8,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.auth import secret_digest
-from gateway.router import Router, RouterSettings
-from gateway.routing import Endpoint, PoolView, RoutingTable
-from gateway.upstream import Timeouts
+from gateway.dataplane.auth import secret_digest
+from gateway.dataplane.router import Router, RouterSettings
+from gateway.dataplane.routing import Endpoint, PoolView, RoutingTable
+from gateway.dataplane.upstream import Timeouts
 from tests.gateway.asgi_server import serve_asgi
 
 MODEL = "llama-3-8b"

@@ -2,8 +2,8 @@ import asyncio
 
 import pytest
 
-from gateway.controller import Controller
-from gateway.state import DesiredState, StateError
+from gateway.control.controller import Controller
+from gateway.control.state import DesiredState, StateError
 from tests.gateway.pools import make_pool
 
 

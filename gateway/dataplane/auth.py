@@ -7,7 +7,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from gateway.asgi import Scope, header
+from gateway.dataplane.asgi import Scope, header
 from gateway.errors import ApiError
 
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}

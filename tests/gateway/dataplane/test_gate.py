@@ -1,6 +1,6 @@
 import asyncio
 
-from gateway.gate import ConcurrencyGate
+from gateway.dataplane.gate import ConcurrencyGate
 
 
 async def test_limit_and_bounded_wait():

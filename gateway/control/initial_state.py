@@ -9,9 +9,9 @@ A class's share is its ``gpu_budget``, or an even split of the budget among clas
 from __future__ import annotations
 
 from gateway.config import PoolConfig, TpgateConfig
+from gateway.control.state import Capacity, DesiredState, PoolSpec, StateError
 from gateway.engines.base import EngineSpec
 from gateway.planner import EngineKnobs, plan
-from gateway.state import Capacity, DesiredState, PoolSpec, StateError
 
 
 def engine_spec(config: TpgateConfig, tp: int, knobs: EngineKnobs) -> EngineSpec:

@@ -16,13 +16,13 @@ from typing import Any
 import ray
 from ray import serve
 
+from gateway.cluster.pool_replica import EnginePoolReplica
 from gateway.config import TpgateConfig
-from gateway.controller import CONTROLLER_NAME, NAMESPACE, Controller
-from gateway.pool import EnginePoolReplica
-from gateway.router import Router, RouterSettings
-from gateway.routing import RoutingTable
-from gateway.state import Capacity, PoolSpec
-from gateway.upstream import Timeouts
+from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from gateway.control.state import Capacity, PoolSpec
+from gateway.dataplane.router import Router, RouterSettings
+from gateway.dataplane.routing import RoutingTable
+from gateway.dataplane.upstream import Timeouts
 
 ROUTER_APP = "tpgate"
 POOL_APP_PREFIX = "pool-"
@@ -37,7 +37,7 @@ def pool_app_name(pool_id: str) -> str:
 
 @dataclass(frozen=True)
 class ServePoolDeployer:
-    """Deploys each pool as its own Serve application (see :class:`gateway.controller.PoolDeployer`)."""
+    """Deploys each pool as its own Serve application (see :class:`gateway.control.controller.PoolDeployer`)."""
 
     startup_timeout_s: float
     stop_timeout_s: float

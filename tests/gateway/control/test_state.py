@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.state import DesiredState, StateError, validate_state
+from gateway.control.state import DesiredState, StateError, validate_state
 from tests.gateway.pools import make_pool
 
 

@@ -25,13 +25,22 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from gateway.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_bytes, send_error, send_json
-from gateway.auth import api_key_class, require_admin
-from gateway.errors import ApiError
-from gateway.gate import ConcurrencyGate
-from gateway.metrics import GatewayMetrics
-from gateway.relay import Outcome, relay_stream, relay_whole, until_disconnect
-from gateway.routing import (
+from gateway.dataplane.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_bytes,
+    send_error,
+    send_json,
+)
+from gateway.dataplane.auth import api_key_class, require_admin
+from gateway.dataplane.gate import ConcurrencyGate
+from gateway.dataplane.metrics import GatewayMetrics
+from gateway.dataplane.relay import Outcome, relay_stream, relay_whole, until_disconnect
+from gateway.dataplane.routing import (
     CLASS_HEADER,
     Endpoint,
     PoolView,
@@ -41,7 +50,8 @@ from gateway.routing import (
     classify,
     served_model_ids,
 )
-from gateway.upstream import Timeouts, UpstreamFailure, new_session, post
+from gateway.dataplane.upstream import Timeouts, UpstreamFailure, new_session, post
+from gateway.errors import ApiError
 
 logger = logging.getLogger("tpgate.router")
 

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from gateway.routing import Endpoint, PoolView, RoutingTable
-from gateway.state import Capacity, DesiredState, PoolSpec, StateError, validate_state
+from gateway.control.state import Capacity, DesiredState, PoolSpec, StateError, validate_state
+from gateway.dataplane.routing import Endpoint, PoolView, RoutingTable
 
 logger = logging.getLogger("tpgate.controller")
 

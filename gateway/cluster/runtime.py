@@ -18,9 +18,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway import haproxy_guard
-from gateway.auth import secret_digest
+from gateway.cluster import haproxy_guard
 from gateway.config import TpgateConfig
+from gateway.dataplane.auth import secret_digest
 from gateway.errors import UserError
 
 
@@ -68,7 +68,7 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
 
     with contextlib.ExitStack() as cleanup:
         if config.server.fast_path == "haproxy":
-            # Ray's processes inherit these; the guard keeps HAProxy on loopback (gateway/haproxy_guard.py)
+            # Ray's processes inherit these; the guard keeps HAProxy on loopback (gateway/cluster/haproxy_guard.py)
             haproxy_dir, haproxy_env = haproxy_guard.prepare(
                 front_host=config.server.host, front_port=config.server.port, environ=os.environ)
             cleanup.callback(shutil.rmtree, haproxy_dir, ignore_errors=True)

@@ -17,10 +17,10 @@ import aiohttp
 import ray
 from ray import serve
 
-from gateway.engine_process import EngineProcess
+from gateway.cluster.engine_process import EngineProcess
+from gateway.cluster.procutil import free_loopback_port
 from gateway.engines import get_launcher
 from gateway.engines.base import EngineSpec
-from gateway.procutil import free_loopback_port
 
 logger = logging.getLogger("ray.serve")
 

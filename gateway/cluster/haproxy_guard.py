@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from gateway.procutil import die_with_parent, free_loopback_port
+from gateway.cluster.procutil import die_with_parent, free_loopback_port
 
 EXIT_UNSAFE = 78  # EX_CONFIG
 LOOPBACK_V4 = "127.0.0.1"
@@ -157,14 +157,15 @@ def _confine_file(path: Path, *, front: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.haproxy_guard --real HAPROXY --front HOST:PORT -- HAPROXY-ARGS...``"""
+    """``python -m gateway.cluster.haproxy_guard --real HAPROXY --front HOST:PORT -- HAPROXY-ARGS...``"""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         split = args.index("--")
         options, haproxy_args = dict(zip(args[:split:2], args[1:split:2], strict=True)), args[split + 1:]
         real, front = options["--real"], options["--front"]
     except (ValueError, KeyError):
-        print("usage: python -m gateway.haproxy_guard --real HAPROXY --front HOST:PORT -- ARGS...", file=sys.stderr)
+        print("usage: python -m gateway.cluster.haproxy_guard --real HAPROXY --front HOST:PORT -- ARGS...",
+              file=sys.stderr)
         return 2
     configs = [Path(haproxy_args[i + 1]) for i, a in enumerate(haproxy_args[:-1]) if a == "-f"]
     try:

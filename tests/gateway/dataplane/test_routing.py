@@ -3,8 +3,16 @@ from collections import Counter
 
 import pytest
 
+from gateway.dataplane.routing import (
+    Endpoint,
+    PoolView,
+    RoutingTable,
+    choose_pool,
+    choose_replica,
+    classify,
+    served_model_ids,
+)
 from gateway.errors import ApiError
-from gateway.routing import Endpoint, PoolView, RoutingTable, choose_pool, choose_replica, classify, served_model_ids
 
 
 def endpoints(*ids):

@@ -1,6 +1,6 @@
 import json
 
-from gateway.upstream import error_event, is_usage_event, sse_events, usage_of
+from gateway.dataplane.upstream import error_event, is_usage_event, sse_events, usage_of
 
 
 class FakeContent:

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.asgi import SSE_HEADERS, ClientDisconnected, Receive, Send, send_bytes
-from gateway.upstream import DONE_EVENT, UpstreamFailure, error_event, is_usage_event, read_all, sse_events, usage_of
+from gateway.dataplane.asgi import SSE_HEADERS, ClientDisconnected, Receive, Send, send_bytes
+from gateway.dataplane.upstream import (
+    DONE_EVENT,
+    UpstreamFailure,
+    error_event,
+    is_usage_event,
+    read_all,
+    sse_events,
+    usage_of,
+)
 
 logger = logging.getLogger("tpgate.router")
 

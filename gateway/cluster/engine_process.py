@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import aiohttp
 
-from gateway.procutil import die_with_parent
+from gateway.cluster.procutil import die_with_parent
 
 
 class EngineStartError(RuntimeError):

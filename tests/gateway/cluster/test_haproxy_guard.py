@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import haproxy_guard
-from gateway.haproxy_guard import EXIT_UNSAFE, UnsafeListener, confine
+from gateway.cluster import haproxy_guard
+from gateway.cluster.haproxy_guard import EXIT_UNSAFE, UnsafeListener, confine
 
 FRONT = "127.0.0.1:8000"
 
