@@ -1,22 +1,38 @@
 """The one typed configuration object, loaded once per process from a YAML file, then ``TPGATE_*``
 environment overrides, then command-line flags, and passed down.
 
-Environment overrides name a field path with double underscores: ``TPGATE_GPUS=4``,
-``TPGATE_SERVER__PORT=9000``. Values are parsed as YAML scalars (``4`` is an int, ``true`` a bool). Only
-variables whose first part names a top-level field are read; a bad value there is an error.
+Layering is pydantic-settings': environment overrides name a field path with double underscores
+(``TPGATE_GPUS=4``, ``TPGATE_SERVER__PORT=9000``); scalars are converted by the field's type (``4`` an int,
+``true`` a bool) and mappings or lists are given as JSON (``TPGATE_ENGINE__EXTRA_ARGS='["--log-level", "INFO"]'``).
+Only variables that name a field are read (``TPGATE_API_KEY`` belongs to ``tpgate load``); a bad value there is
+an error. The YAML file is read by :func:`gateway.yamlfile.read_yaml_mapping`, whose errors name the file.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, gpu_catalog
+from gateway.validation import FieldProblem, field_problems
 from gateway.yamlfile import YamlFileError, read_yaml_mapping
 
 ENV_PREFIX = "TPGATE_"
@@ -37,20 +53,6 @@ class GpuTypeConfig(StrictModel):
     default_max_batch_size: int = Field(default=128, gt=0)
 
 
-class KnobsConfig(StrictModel):
-    """LMDeploy engine knobs of a pool (LMDeploy 0.18 names; unset means LMDeploy's default)."""
-
-    backend: Literal["turbomind", "pytorch"] = "turbomind"
-    max_batch_size: int | None = Field(default=None, ge=1)
-    cache_max_entry_count: float = Field(default=0.8, gt=0, le=1)
-    quant_policy: Literal[0, 4, 8] = 0
-    max_prefill_token_num: int = Field(default=8192, ge=1)
-    session_len: int | None = Field(default=None, ge=1)
-
-    def to_knobs(self) -> EngineKnobs:
-        return EngineKnobs(**self.model_dump())
-
-
 class EngineConfig(StrictModel):
     """How pools run their engines."""
 
@@ -67,7 +69,7 @@ class EngineConfig(StrictModel):
 class PoolConfig(StrictModel):
     tp: int = Field(ge=1)
     replicas: int = Field(default=1, ge=1)
-    knobs: KnobsConfig = Field(default_factory=KnobsConfig)
+    knobs: EngineKnobs = Field(default_factory=EngineKnobs)
 
 
 class SloConfig(StrictModel):
@@ -145,15 +147,18 @@ class AuthConfig(StrictModel):
     admin_token_file: str = "~/.tpgate/admin-token"
 
 
-class TpgateConfig(StrictModel):
-    """Everything a tpgate process needs to know."""
+class TpgateConfig(BaseSettings):
+    """Everything a tpgate process needs to know. Build it with :func:`load_config`: constructing one directly
+    reads no environment (the layering is explicit there)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
 
     model: str = "internvl2_5-38b"
     served_model_name: str | None = None
+    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict, description="GPU types added to the catalog")
     gpu: str = "h100-80gb"
     gpus: int = Field(default=8, ge=1, description="GPU budget")
     gpus_per_node: int | None = Field(default=None, ge=1, description="defaults to the budget (one node)")
-    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict)
     ray_address: str | None = Field(default=None, description="join this Ray cluster instead of starting one")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -164,10 +169,16 @@ class TpgateConfig(StrictModel):
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
     routes: dict[str, dict[str, float]] = Field(default_factory=dict)
 
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str, info: ValidationInfo) -> str:
+        known = set(gpu_catalog()) | {name.lower() for name in info.data.get("gpu_types", {})}
+        if gpu.lower() not in known:
+            raise ValueError(f"must be a known GPU type ({', '.join(sorted(known))}, or one under gpu_types)")
+        return gpu
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TpgateConfig:
-        if self.gpu.lower() not in self.catalog():
-            raise ValueError(f"unknown gpu {self.gpu!r} (known: {', '.join(sorted(self.catalog()))})")
         if not self.classes:
             raise ValueError("at least one workload class is needed")
         if self.default_class not in self.classes:
@@ -205,42 +216,87 @@ class TpgateConfig(StrictModel):
         return self.gpus_per_node or self.gpus
 
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of the process environment."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(TpgateConfig)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
 def load_config(
     path: str | Path | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> TpgateConfig:
-    """File, then environment (``TPGATE_*``), then explicit overrides (flags); invalid values raise UserError."""
-    data: dict[str, Any] = {}
+    """File, then environment (``TPGATE_*``), then explicit overrides (flags, dotted field paths to values;
+    ``None`` means not given); invalid values raise :class:`ConfigError`. ``flag_names`` maps a field path to
+    the flag that sets it, so a bad flag value is reported under the flag's name (``--gpus must be ...``)."""
+    layers: list[dict[str, Any]] = []
     if path is not None:
         try:
-            data = read_yaml_mapping(Path(path), what="the configuration")
+            layers.append(read_yaml_mapping(Path(path), what="the configuration"))
         except YamlFileError as exc:
             raise UserError(str(exc)) from None
-    for key, value in (environ or {}).items():
-        field_path = key.removeprefix(ENV_PREFIX).lower().split("__")
-        # other TPGATE_ variables (TPGATE_API_KEY, TPGATE_LOAD_*) belong to other commands
-        if key.startswith(ENV_PREFIX) and field_path[0] in TpgateConfig.model_fields:
-            _set_path(data, field_path, yaml.safe_load(value))
+    try:
+        layers.append(_EnvironSource(environ or {})())
+    except SettingsError as exc:  # a mapping or list that is not JSON
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = ENV_PREFIX + (field.group(1).upper() if field else "*")
+        raise UserError(f"invalid configuration: {name} must be JSON for a mapping or a list") from None
+    flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_path(data, key.split("."), value)
+            _set_path(flags, key.split("."), value)
+    layers.append(flags)
     try:
-        return TpgateConfig.model_validate(data)
+        return TpgateConfig.model_validate(_merge(*layers))
     except ValidationError as exc:
-        raise UserError(f"invalid configuration: {_describe(exc)}") from None
+        given = {key for key, value in (overrides or {}).items() if value is not None}
+        names = {key: flag for key, flag in (flag_names or {}).items() if key in given}
+        problems = [replace(p, where=names.get(p.where, p.where)) for p in field_problems(exc)]
+        raise ConfigError(problems) from None
+
+
+class ConfigError(UserError):
+    """An invalid configuration value; ``problems`` name each field, or the flag that set it."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        self.problems = problems
+        flags_only = all(p.where.startswith("--") for p in problems)
+        super().__init__(("" if flags_only else "invalid configuration: ") + "; ".join(str(p) for p in problems))
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers win; mappings merge key by key (so ``TPGATE_SERVER__PORT`` keeps the file's host)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = _merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
 
 
 def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         data = data.setdefault(key, {})
     data[keys[-1]] = value
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "config"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)

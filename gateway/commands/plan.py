@@ -30,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
         args.config,
         environ=os.environ,
         overrides={"model": args.model, "gpu": args.gpu, "gpus": args.gpus, "gpus_per_node": args.gpus_per_node},
+        flag_names={"model": "--model", "gpu": "--gpu", "gpus": "--gpus", "gpus_per_node": "--gpus-per-node"},
     )
     model = load_model(config.model)
     gpu = find_gpu(config.gpu, config.catalog())
-    knobs = EngineKnobs(
+    knobs = EngineKnobs.of(
         cache_max_entry_count=args.cache_max_entry_count, quant_policy=args.quant_policy, session_len=args.session_len
     )
     verdicts = plan(model, gpu, gpus=config.gpus, gpus_per_node=config.node_size, knobs=knobs, tp_sizes=args.tp)

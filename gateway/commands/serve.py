@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.config,
         environ=os.environ,
         overrides={"server.host": args.host, "server.port": args.port, "ray_address": args.address},
+        flag_names={"server.host": "--host", "server.port": "--port", "ray_address": "--address"},
     )
     capacity = capacity_of(config)
     try:

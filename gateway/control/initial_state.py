@@ -11,7 +11,7 @@ from __future__ import annotations
 from gateway.config import PoolConfig, TpgateConfig
 from gateway.control.state import Capacity, DesiredState, PoolSpec, StateError
 from gateway.engines.base import EngineSpec
-from gateway.planner import EngineKnobs, plan
+from gateway.planner import DEFAULT_KNOBS, EngineKnobs, plan
 
 
 def engine_spec(config: TpgateConfig, tp: int, knobs: EngineKnobs) -> EngineSpec:
@@ -30,7 +30,7 @@ def engine_spec(config: TpgateConfig, tp: int, knobs: EngineKnobs) -> EngineSpec
 
 
 def pool_spec(config: TpgateConfig, pool_id: str, pool: PoolConfig) -> PoolSpec:
-    return PoolSpec(id=pool_id, engine=engine_spec(config, pool.tp, pool.knobs.to_knobs()), replicas=pool.replicas)
+    return PoolSpec(id=pool_id, engine=engine_spec(config, pool.tp, pool.knobs), replicas=pool.replicas)
 
 
 def class_budgets(config: TpgateConfig) -> dict[str, int]:
@@ -57,7 +57,7 @@ def initial_state(config: TpgateConfig, capacity: Capacity) -> DesiredState:
 
 
 def planner_pool(config: TpgateConfig, capacity: Capacity, class_name: str, budget: int) -> PoolSpec:
-    knobs = EngineKnobs()
+    knobs = DEFAULT_KNOBS
     verdicts = [
         v for v in plan(capacity.model, capacity.gpu, gpus=budget, gpus_per_node=min(budget, capacity.gpus_per_node),
                         knobs=knobs)

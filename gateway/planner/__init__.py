@@ -2,13 +2,16 @@
 beyond reading a config.json."""
 
 from gateway.planner.gpus import BUILTIN_GPUS, GpuSpec, find_gpu, gpu_catalog
+from gateway.planner.knobs import DEFAULT_KNOBS, EngineKnobs, KnobsError
 from gateway.planner.model import ModelSpec, VisionTower, bundled_cards, load_model, model_from_config
-from gateway.planner.tp import EngineKnobs, TpVerdict, divisibility_reason, evaluate_tp, max_replicas, plan
+from gateway.planner.tp import TpVerdict, divisibility_reason, evaluate_tp, max_replicas, plan
 
 __all__ = [
     "BUILTIN_GPUS",
+    "DEFAULT_KNOBS",
     "EngineKnobs",
     "GpuSpec",
+    "KnobsError",
     "ModelSpec",
     "TpVerdict",
     "VisionTower",

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, fields
 
 from gateway.errors import UserError
 from gateway.planner.gpus import GpuSpec
+from gateway.planner.knobs import DEFAULT_KNOBS, EngineKnobs
 from gateway.planner.model import ModelSpec
-from gateway.planner.tp import EngineKnobs, evaluate_tp, kv_cache_bytes_per_token_per_gpu
+from gateway.planner.tp import evaluate_tp, kv_cache_bytes_per_token_per_gpu
 
 # Share of peak HBM bandwidth that decode kernels reach. Fitted to the batch-1 figure (about 100 tokens/s
 # for Llama-2-7B on an A100: 13.2 GB of weights per token) together with STEP_OVERHEAD_S.
@@ -265,7 +266,7 @@ class Prediction:
 
 
 def predict(
-    model: ModelSpec, gpu: GpuSpec, tp: int, workload: Workload, *, knobs: EngineKnobs = EngineKnobs()
+    model: ModelSpec, gpu: GpuSpec, tp: int, workload: Workload, *, knobs: EngineKnobs = DEFAULT_KNOBS
 ) -> Prediction:
     """Analytical steady state of continuous batching for ``workload`` on one replica at ``tp``.
 
@@ -323,7 +324,7 @@ def predict(
     )
 
 
-def kv_cache_blocks(model: ModelSpec, gpu: GpuSpec, tp: int, *, knobs: EngineKnobs = EngineKnobs()) -> int:
+def kv_cache_blocks(model: ModelSpec, gpu: GpuSpec, tp: int, *, knobs: EngineKnobs = DEFAULT_KNOBS) -> int:
     """KV-cache blocks of ``KV_BLOCK_TOKENS`` one replica holds (the planner's capacity, in blocks)."""
     verdict = evaluate_tp(model, gpu, tp, gpus=tp, gpus_per_node=tp, knobs=knobs)
     return verdict.kv_cache_tokens_per_replica // KV_BLOCK_TOKENS

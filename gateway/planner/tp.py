@@ -21,41 +21,11 @@ from dataclasses import dataclass, field
 
 from gateway.errors import UserError
 from gateway.planner.gpus import GpuSpec
+from gateway.planner.knobs import DEFAULT_KNOBS, EngineKnobs
 from gateway.planner.model import ModelSpec, kv_element_bytes
 
 GIB = 1024**3
 RUNTIME_RESERVE_GIB = 3.0
-
-
-@dataclass(frozen=True)
-class EngineKnobs:
-    """LMDeploy engine settings that change capacity and speed (LMDeploy 0.18 names and defaults)."""
-
-    backend: str = "turbomind"
-    max_batch_size: int | None = None  # None: LMDeploy's default for the GPU
-    cache_max_entry_count: float = 0.8
-    quant_policy: int = 0
-    max_prefill_token_num: int = 8192
-    session_len: int | None = None  # None: the model's max_position_embeddings
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("turbomind", "pytorch"):
-            raise UserError(f"backend must be 'turbomind' or 'pytorch', not {self.backend!r}")
-        if not 0 < self.cache_max_entry_count <= 1:
-            raise UserError(f"cache_max_entry_count must be in (0, 1], not {self.cache_max_entry_count}")
-        kv_element_bytes(self.quant_policy)
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise UserError(f"max_batch_size must be at least 1, not {self.max_batch_size}")
-        if self.max_prefill_token_num < 1:
-            raise UserError(f"max_prefill_token_num must be at least 1, not {self.max_prefill_token_num}")
-        if self.session_len is not None and self.session_len < 1:
-            raise UserError(f"session_len must be at least 1, not {self.session_len}")
-
-    def batch_size_on(self, gpu: GpuSpec) -> int:
-        return self.max_batch_size or gpu.default_max_batch_size
-
-    def session_len_for(self, model: ModelSpec) -> int:
-        return self.session_len or model.max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -120,7 +90,7 @@ def evaluate_tp(
     *,
     gpus: int,
     gpus_per_node: int,
-    knobs: EngineKnobs = EngineKnobs(),
+    knobs: EngineKnobs = DEFAULT_KNOBS,
     reserve_gib: float = RUNTIME_RESERVE_GIB,
 ) -> TpVerdict:
     """Apply every rule to one TP size; the verdict carries capacity figures even when rejected."""
@@ -171,7 +141,7 @@ def plan(
     *,
     gpus: int,
     gpus_per_node: int | None = None,
-    knobs: EngineKnobs = EngineKnobs(),
+    knobs: EngineKnobs = DEFAULT_KNOBS,
     tp_sizes: list[int] | None = None,
 ) -> list[TpVerdict]:
     """Verdicts for every TP size from 1 to the budget (or for ``tp_sizes``)."""

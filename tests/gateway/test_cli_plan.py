@@ -56,8 +56,9 @@ def test_environment_overrides_the_budget(capsys, monkeypatch):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "/nonexistent/model"], "unknown model '/nonexistent/model'"),
     (["--model", "gpt-9"], "unknown model 'gpt-9'"),
-    (["--gpu", "v100"], "unknown gpu 'v100'"),
-    (["--gpus", "0"], "gpus: Input should be greater than or equal to 1"),
+    (["--gpu", "v100"], "--gpu must be a known GPU type (a100-40gb, a100-80gb, h100-80gb, h200-141gb, l40s, "
+                        "rtx-4090, or one under gpu_types), not 'v100'"),
+    (["--gpus", "0"], "tpgate: error: --gpus must be at least 1, not 0"),
     (["--gpus", "4", "--tp", "8"], "tp=8 is larger than the GPU budget of 4"),
     (["--gpus", "many"], "argument --gpus: invalid int value: 'many'"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read"),

@@ -32,8 +32,8 @@ def test_file_then_environment_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("gpus: 0\n", "gpus: Input should be greater than or equal to 1"),
-    ("colour: blue\n", "colour: Extra inputs are not permitted"),
+    ("gpus: 0\n", "invalid configuration: gpus must be at least 1, not 0"),
+    ("colour: blue\n", "colour is not a known field"),
     ("default_class: realtime\n", "default_class 'realtime' is not a class"),
     ("pools: {a: {tp: 4, replicas: 2}}\nroutes: {interactive: {a: 1}, batch: {a: 1}}\n",
      "pools need 8 GPUs (a 2x4), more than gpus=4"),
@@ -41,7 +41,9 @@ def test_file_then_environment_then_flags(tmp_path):
     ("pools: {a: {tp: 1}}\nroutes: {interactive: {a: 0.5}, batch: {a: 1}}\n", "weights sum to 0.5, not 1"),
     ("pools: {a: {tp: 1}}\nroutes: {interactive: {b: 1}, batch: {a: 1}}\n", "names unknown pools ['b']"),
     ("auth: {api_keys: [{default_class: batch}]}\n", "needs exactly one of 'key' or 'key_env'"),
-    ("engine: {kind: vllm}\n", "engine.kind: Input should be 'sim' or 'lmdeploy'"),
+    ("engine: {kind: vllm}\n", "engine.kind must be 'sim' or 'lmdeploy', not 'vllm'"),
+    ("pools: {a: {tp: 1, knobs: {quant_policy: 3}}}\nroutes: {interactive: {a: 1}, batch: {a: 1}}\n",
+     "pools.a.knobs.quant_policy must be 0, 4 or 8, not 3"),
     ("[1, 2]\n", "the configuration must be a mapping"),
     ("gpus: [\n", "malformed YAML"),
 ])
@@ -52,8 +54,25 @@ def test_bad_configuration_is_a_user_error(tmp_path, text, message):
 
 
 def test_bad_environment_value_is_named():
-    with pytest.raises(UserError, match="server.port: Input should be a valid integer"):
+    with pytest.raises(UserError, match="server.port must be an integer, not 'eighty'"):
         load_config(environ={"TPGATE_SERVER__PORT": "eighty"})
+    with pytest.raises(UserError, match="TPGATE_ROUTES must be JSON"):
+        load_config(environ={"TPGATE_ROUTES": "{interactive: x"})
+
+
+def test_environment_merges_into_the_file_and_reads_json_for_lists(tmp_path):
+    path = write(tmp_path, "server: {host: 127.0.0.2, port: 9000}\n")
+    config = load_config(path, environ={"TPGATE_SERVER__PORT": "9100", "TPGATE_ENGINE__EXTRA_ARGS": '["--x", "1"]',
+                                        "TPGATE_ENGINE__TIME_SCALE": "10", "TPGATE_ROUTER__REPLICAS": "2"})
+    assert (config.server.host, config.server.port) == ("127.0.0.2", 9100)
+    assert config.engine.extra_args == ["--x", "1"] and config.engine.time_scale == 10.0
+    assert config.router.replicas == 2
+
+
+def test_constructing_a_config_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("TPGATE_GPUS", "3")
+    from gateway.config import TpgateConfig
+    assert TpgateConfig().gpus == 8 and load_config(environ={"TPGATE_GPUS": "3"}).gpus == 3
 
 
 def test_api_key_secret_is_not_printed(tmp_path):

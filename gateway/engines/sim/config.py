@@ -6,7 +6,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, ModelSpec, evaluate_tp, find_gpu, load_model
 from gateway.planner.perf import KV_BLOCK_TOKENS, Deviation
+from gateway.validation import field_problems
 
 
 class SimEngineConfig(BaseModel):
@@ -26,23 +26,21 @@ class SimEngineConfig(BaseModel):
     tp: int = Field(default=1, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=23333, ge=0, le=65535)
-    max_batch_size: int | None = Field(default=None, ge=1)
-    cache_max_entry_count: float = Field(default=0.8, gt=0, le=1)
-    quant_policy: Literal[0, 4, 8] = 0
-    max_prefill_token_num: int = Field(default=8192, ge=1)
-    session_len: int | None = Field(default=None, ge=2)
+    knobs: EngineKnobs = Field(default_factory=EngineKnobs)
     time_scale: float = Field(default=1.0, gt=0, le=10_000)
     deviation_file: str | None = None
     model_name: str | None = Field(default=None, min_length=1)
 
     @classmethod
     def from_values(cls, values: Mapping[str, object]) -> SimEngineConfig:
+        """From flat values (``tpgate engine sim``'s flags): knob names go into ``knobs``."""
+        knob_names = EngineKnobs.model_fields.keys()
+        data = {k: v for k, v in values.items() if k not in knob_names}
+        data["knobs"] = {k: v for k, v in values.items() if k in knob_names}
         try:
-            return cls.model_validate(dict(values))
+            return cls.model_validate(data)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            raise UserError(f"engine sim: {where}: {error['msg']} (got {error.get('input')!r})") from None
+            raise UserError(f"engine sim: {field_problems(exc, skip_root=('knobs',))[0]}") from None
 
 
 @dataclass(frozen=True)
@@ -69,13 +67,7 @@ def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = 
     """Load the model and GPU, apply the planner's TP rules (UserError with its reason when rejected)."""
     model = load_model(config.model)
     gpu = find_gpu(config.gpu, catalog)
-    knobs = EngineKnobs(
-        max_batch_size=config.max_batch_size,
-        cache_max_entry_count=config.cache_max_entry_count,
-        quant_policy=config.quant_policy,
-        max_prefill_token_num=config.max_prefill_token_num,
-        session_len=config.session_len,
-    )
+    knobs = config.knobs
     verdict = evaluate_tp(model, gpu, config.tp, gpus=config.tp, gpus_per_node=config.tp, knobs=knobs)
     if not verdict.feasible:
         raise UserError(f"cannot simulate {model.name} on {gpu.name}: {verdict.reason}")

@@ -109,11 +109,12 @@ def test_tp_larger_than_budget():
 
 
 @pytest.mark.parametrize(("knobs", "message"), [
-    ({"cache_max_entry_count": 0}, "cache_max_entry_count must be in"),
+    ({"cache_max_entry_count": 0}, "cache_max_entry_count must be greater than 0, not 0"),
     ({"backend": "vllm"}, "backend must be 'turbomind' or 'pytorch'"),
     ({"max_batch_size": 0}, "max_batch_size must be at least 1"),
     ({"quant_policy": 3}, "quant_policy must be 0, 4 or 8"),
+    ({"max_batch_sise": 8}, "max_batch_sise is not a known field"),
 ])
 def test_bad_engine_knobs(knobs, message):
     with pytest.raises(UserError, match=message):
-        EngineKnobs(**knobs)
+        EngineKnobs.of(knobs)
