@@ -361,6 +361,7 @@ def start_gateway(procs: Processes, workdir: Path, mode: str,
         "pools": {"bench": {"tp": 1, "replicas": 1}},
         "routes": {"interactive": {"bench": 1.0}, "batch": {"bench": 1.0}},
         "auth": {"admin_token_file": str(token_file)},
+        "state_file": str(workdir / f"state-{mode}.json"),
     }
     config_path = workdir / f"tpgate-{mode}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML

@@ -42,6 +42,7 @@ auth:
   api_keys:
     - {{key_env: E2E_API_KEY}}
     - {{key_env: E2E_BATCH_API_KEY, default_class: batch}}
+state_file: {state_file}
 """
 
 
@@ -74,7 +75,7 @@ class Gateway:
 def gateway(tmp_path_factory) -> Gateway:
     workdir = tmp_path_factory.mktemp("gateway")
     config = workdir / "tpgate.yaml"
-    config.write_text(CONFIG.format(token_file=workdir / "admin-token"))
+    config.write_text(CONFIG.format(token_file=workdir / "admin-token", state_file=workdir / "state.json"))
     port = free_port()
     log_path = workdir / "serve.log"
     env = {**os.environ, "E2E_API_KEY": API_KEY, "E2E_BATCH_API_KEY": BATCH_KEY}

@@ -10,18 +10,22 @@ leaves replicas unscheduled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gateway.cluster.pool_replica import EnginePoolReplica
 from gateway.config import TpgateConfig
-from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from gateway.control.client import ControlClient
+from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
 from gateway.control.state import Capacity, PoolSpec
 from gateway.dataplane.router import Router, RouterSettings
-from gateway.dataplane.routing import RoutingTable
+from gateway.dataplane.routing import RouteSlo
 from gateway.dataplane.upstream import Timeouts
 
 ROUTER_APP = "tpgate"
@@ -29,6 +33,10 @@ POOL_APP_PREFIX = "pool-"
 # Serve's own concurrency cap on the router replica: requests never wait in Serve's queue; the router's
 # per-pool gates decide when to answer 429.
 ROUTER_MAX_ONGOING_REQUESTS = 100_000
+# An endpoint leaves routing when its replica has not re-asserted it for this many health checks (+ a margin).
+LEASE_HEALTH_CHECKS = 3
+LEASE_MARGIN_S = 5.0
+DRAIN_MARGIN_S = 5.0  # beyond the request timeout: a drained pool is deleted at the latest by then
 
 
 def pool_app_name(pool_id: str) -> str:
@@ -77,29 +85,6 @@ class ServePoolDeployer:
         return result
 
 
-class RayControlPlane:
-    """The router's handle on the controller actor."""
-
-    def __init__(self) -> None:
-        self._actor: Any = None
-
-    def _handle(self) -> Any:
-        if self._actor is None:
-            self._actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-        return self._actor
-
-    async def watch(self, known_version: int, timeout_s: float) -> RoutingTable:
-        table: RoutingTable = await self._handle().watch.remote(known_version, timeout_s)
-        return table
-
-    async def report_inflight(self, router_id: str, inflight_by_pool: dict[str, int]) -> None:
-        await self._handle().report_inflight.remote(router_id, inflight_by_pool)
-
-    async def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = await self._handle().status.remote()
-        return status
-
-
 @serve.ingress()
 class RouterDeployment:
     """The ingress replica: builds a :class:`Router` bound to the controller."""
@@ -108,7 +93,7 @@ class RouterDeployment:
         self._settings = settings
 
     def __serve_build_asgi_app__(self) -> Router:
-        return Router(self._settings, RayControlPlane())
+        return Router(self._settings, ControlClient(name=CONTROLLER_NAME, namespace=NAMESPACE))
 
 
 def router_settings(
@@ -116,9 +101,8 @@ def router_settings(
 ) -> RouterSettings:
     r = config.router
     return RouterSettings(
-        timeouts=Timeouts(
-            connect_s=r.connect_timeout_s, first_byte_s=r.first_byte_timeout_s, total_s=r.request_timeout_s
-        ),
+        timeouts=Timeouts(connect_s=r.connect_timeout_s, first_byte_s=r.first_byte_timeout_s,
+                          idle_s=r.stream_idle_timeout_s, total_s=r.request_timeout_s),
         max_inflight_per_replica=r.max_inflight_per_replica,
         queue_timeout_s=r.queue_timeout_s,
         max_attempts=r.max_attempts,
@@ -129,28 +113,60 @@ def router_settings(
     )
 
 
-def start_controller(config: TpgateConfig, capacity: Capacity) -> Any:
-    """Create the controller actor (or return the one already running in this cluster)."""
-    deployer = ServePoolDeployer(
+def controller_settings(config: TpgateConfig, capacity: Capacity) -> ControllerSettings:
+    """The controller's settings from the configuration, with their fingerprint."""
+    period_s = config.engine.health_check_period_s
+    settings = ControllerSettings(
+        model_name=config.model_name,
+        classes=tuple(config.classes),
+        default_class=config.default_class,
+        capacity=capacity,
+        slos={name: RouteSlo(ttft_s=c.slo.ttft_p99_s, tpot_s=c.slo.tpot_p99_s, e2e_s=c.slo.e2e_p99_s)
+              for name, c in config.classes.items()},
+        drain_deadline_s=config.router.request_timeout_s + DRAIN_MARGIN_S,
+        lease_s=LEASE_HEALTH_CHECKS * period_s + LEASE_MARGIN_S,
+        recovery_grace_s=LEASE_HEALTH_CHECKS * period_s + LEASE_MARGIN_S,
+        store_path=str(Path(config.state_file).expanduser()),
+        gateway_url=f"http://{config.server.host}:{config.server.port}",
+    )
+    return replace(settings, digest=hashlib.sha256(repr(settings).encode()).hexdigest()[:16])
+
+
+def pool_deployer(config: TpgateConfig) -> ServePoolDeployer:
+    return ServePoolDeployer(
         startup_timeout_s=config.engine.startup_timeout_s,
         stop_timeout_s=config.engine.stop_timeout_s,
         health_check_period_s=config.engine.health_check_period_s,
     )
+
+
+def create_controller(settings: ControllerSettings, deployer: ServePoolDeployer) -> Any:
+    """Create the controller actor: detached, restarted by Ray whenever it dies (it reloads its stored state),
+    pinned to this node so its state file is on this node's disk."""
     actor_cls = ray.remote(Controller)
+    node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return actor_cls.options(  # type: ignore[attr-defined]
         name=CONTROLLER_NAME,
         namespace=NAMESPACE,
         lifetime="detached",
         num_cpus=0,
         max_concurrency=1000,
-        get_if_exists=True,
-    ).remote(
-        model_name=config.model_name,
-        classes=tuple(config.classes),
-        default_class=config.default_class,
-        capacity=capacity,
-        deployer=deployer,
-    )
+        max_restarts=-1,
+        scheduling_strategy=node,
+    ).remote(settings, deployer)
+
+
+def find_controller() -> Any | None:
+    """The controller actor already in this cluster, if any."""
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def kill_controller(actor: Any) -> None:
+    """Kill the controller for good (no restart)."""
+    ray.kill(actor, no_restart=True)
 
 
 def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:

@@ -2,8 +2,9 @@
 
 Pure logic: the controller holds a :class:`DesiredState`, changes it only through :func:`validate_state`,
 and bumps a version on every change that routers must see. Routes are keyed by name: every workload
-class has one, and trial routes (the tuner's) are extra names that only the ``x-workload-class`` header
-reaches.
+class has one, and trial routes (the tuner's, named ``trial-...``) are extra names that only the
+``x-workload-class`` header reaches; each trial route measures for one class (``trial_classes``), whose SLOs
+its requests are judged by.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.engines.base import EngineSpec
-from gateway.planner import GpuSpec, ModelSpec, evaluate_tp
+from gateway.planner import EngineKnobs, GpuSpec, ModelSpec, evaluate_tp
 
 POOL_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 WEIGHT_TOLERANCE = 1e-6
+TRIAL_ROUTE_PREFIX = "trial-"
+
+
+def is_trial_route(name: str) -> bool:
+    return name.startswith(TRIAL_ROUTE_PREFIX)
 
 
 class StateError(ValueError):
@@ -47,6 +54,7 @@ class DesiredState:
 
     pools: Mapping[str, PoolSpec] = field(default_factory=dict)
     routes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    trial_classes: Mapping[str, str] = field(default_factory=dict)  # trial route -> the class it measures for
 
     @property
     def gpus_used(self) -> int:
@@ -55,8 +63,15 @@ class DesiredState:
     def with_pool(self, pool: PoolSpec) -> DesiredState:
         return replace(self, pools={**self.pools, pool.id: pool})
 
-    def with_route(self, name: str, weights: Mapping[str, float]) -> DesiredState:
-        return replace(self, routes={**self.routes, name: dict(weights)})
+    def with_route(self, name: str, weights: Mapping[str, float], *, trial_class: str | None = None) -> DesiredState:
+        trial_classes = dict(self.trial_classes)
+        if trial_class is not None:
+            trial_classes[name] = trial_class
+        return replace(self, routes={**self.routes, name: dict(weights)}, trial_classes=trial_classes)
+
+    def without_route(self, name: str) -> DesiredState:
+        return replace(self, routes={k: v for k, v in self.routes.items() if k != name},
+                       trial_classes={k: v for k, v in self.trial_classes.items() if k != name})
 
     def without_pool(self, pool_id: str) -> DesiredState:
         """Drop a pool and take it out of every route, renormalising what is left; empty routes vanish."""
@@ -66,7 +81,8 @@ class DesiredState:
             total = sum(rest.values())
             if rest and total > 0:
                 routes[name] = {p: w / total for p, w in rest.items()}
-        return DesiredState(pools={k: v for k, v in self.pools.items() if k != pool_id}, routes=routes)
+        return DesiredState(pools={k: v for k, v in self.pools.items() if k != pool_id}, routes=routes,
+                            trial_classes={k: v for k, v in self.trial_classes.items() if k in routes})
 
     def pools_in_routes(self) -> set[str]:
         return {pool_id for weights in self.routes.values() for pool_id, w in weights.items() if w > 0}
@@ -93,6 +109,9 @@ def validate_state(state: DesiredState, capacity: Capacity) -> None:
         raise StateError(f"pools need {state.gpus_used} GPUs ({detail}), more than the budget of {capacity.gpus}")
     for name, weights in state.routes.items():
         validate_route(name, weights, state.pools)
+    for name in state.trial_classes:
+        if name not in state.routes or not is_trial_route(name):
+            raise StateError(f"{name!r} is not a trial route of this state")
 
 
 def validate_pool(pool: PoolSpec, capacity: Capacity) -> None:
@@ -128,3 +147,42 @@ def validate_route(name: str, weights: Mapping[str, float], pools: Mapping[str, 
     total = sum(weights.values())
     if abs(total - 1) > WEIGHT_TOLERANCE:
         raise StateError(f"route {name!r}: weights sum to {total:g}, not 1")
+
+
+# --- serialization (the state store, the admin API) ----------------------------------------------------------
+
+
+def pool_to_dict(pool: PoolSpec) -> dict[str, Any]:
+    engine = pool.engine
+    return {
+        "id": pool.id,
+        "replicas": pool.replicas,
+        "engine": {
+            "engine": engine.engine, "model": engine.model, "served_model_name": engine.served_model_name,
+            "gpu": engine.gpu, "tp": engine.tp, "knobs": engine.knobs.model_dump(), "time_scale": engine.time_scale,
+            "deviation_file": engine.deviation_file, "extra_args": list(engine.extra_args),
+        },
+    }
+
+
+def pool_from_dict(data: Mapping[str, Any]) -> PoolSpec:
+    """Inverse of :func:`pool_to_dict`; KeyError, TypeError or ValueError on a malformed record."""
+    engine = dict(data["engine"])
+    engine["knobs"] = EngineKnobs.model_validate(engine["knobs"])
+    engine["extra_args"] = tuple(engine["extra_args"])
+    return PoolSpec(id=str(data["id"]), engine=EngineSpec(**engine), replicas=int(data["replicas"]))
+
+
+def state_to_dict(state: DesiredState) -> dict[str, Any]:
+    return {
+        "pools": [pool_to_dict(pool) for pool in state.pools.values()],
+        "routes": {name: dict(weights) for name, weights in state.routes.items()},
+        "trial_classes": dict(state.trial_classes),
+    }
+
+
+def state_from_dict(data: Mapping[str, Any]) -> DesiredState:
+    """Inverse of :func:`state_to_dict`; KeyError, TypeError or ValueError on a malformed record."""
+    pools = {pool.id: pool for pool in map(pool_from_dict, data["pools"])}
+    routes = {str(name): {str(p): float(w) for p, w in weights.items()} for name, weights in data["routes"].items()}
+    return DesiredState(pools=pools, routes=routes, trial_classes=dict(data.get("trial_classes", {})))

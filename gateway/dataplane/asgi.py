@@ -7,7 +7,7 @@ as little machinery as possible (DESIGN.md: every in-path hop costs real millise
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from gateway.errors import ApiError
@@ -16,6 +16,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = Sequence[tuple[bytes, bytes]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -65,5 +66,5 @@ async def send_json(send: Send, status: int, payload: Any, *, extra_headers: Ite
     await send_bytes(send, status, json.dumps(payload).encode(), headers)
 
 
-async def send_error(send: Send, error: ApiError) -> None:
-    await send_json(send, error.status, error.body(), extra_headers=error.headers.items())
+async def send_error(send: Send, error: ApiError, *, extra_headers: Iterable[tuple[str, str]] = ()) -> None:
+    await send_json(send, error.status, error.body(), extra_headers=[*error.headers.items(), *extra_headers])

@@ -1,8 +1,11 @@
 """The gateway's own metrics, all declared here (prefix ``tpgate_``, base units in the name, small label sets).
 
-This is the per-class view the tuner reads. Labels come from fixed sets: class (workload classes and
-trial routes), pool, replica (bounded by the pool's replica count), status (HTTP status code), reason.
-Each router process owns one :class:`GatewayMetrics` with its own registry (no global state).
+This is the per-class view the tuner and the SLO guard read. Labels come from fixed sets: class (workload
+classes and trial routes; ``none`` for a request refused before its class was known), pool (``none`` for a
+request answered before a pool was chosen), replica (bounded by the pool's replica count), status (HTTP status
+code), reason. Series of pools, replicas and trial routes that are gone are removed (:meth:`GatewayMetrics.forget`),
+so the set stays bounded however many trials run. Each router process owns one :class:`GatewayMetrics` with its
+own registry (no global state).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class RouteSeries:
         self.output_tokens = metrics.output_tokens.labels(route, pool)
         self.prompt_tokens = metrics.prompt_tokens.labels(route, pool)
         self.queue_wait = metrics.queue_wait.labels(route, pool)
+        self.slo_met = metrics.slo_met.labels(route, pool)
+
+    def statuses(self) -> list[str]:
+        return list(self._requests_by_status)
 
     def requests(self, status: str) -> Any:
         counter = self._requests_by_status.get(status)
@@ -61,6 +68,9 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(
             "tpgate_prompt_tokens", "Prompt tokens of finished requests (when the engine reports usage)",
             ["class", "pool"], registry=r)
+        self.slo_met = Counter(
+            "tpgate_slo_met_requests", "Successful requests that met every per-request SLO of their class "
+            "(TTFT, TPOT, e2e; judged in the engine's clock): goodput is its rate", ["class", "pool"], registry=r)
         self.inflight = Gauge(
             "tpgate_inflight_requests", "Requests in flight to an engine replica", ["pool", "replica"], registry=r)
         self.queue_wait = Histogram(
@@ -82,6 +92,8 @@ class GatewayMetrics:
 
         self._series: dict[tuple[str, str], RouteSeries] = {}
         self._inflight: dict[tuple[str, str], Any] = {}
+        self._error_labels: set[tuple[str, str]] = set()
+        self._retry_pools: set[str] = set()
 
     def series(self, route: str, pool: str) -> RouteSeries:
         series = self._series.get((route, pool))
@@ -95,5 +107,41 @@ class GatewayMetrics:
             gauge = self._inflight[(pool, replica)] = self.inflight.labels(pool, replica)
         return gauge
 
+    def count_upstream_error(self, pool: str, reason: str) -> None:
+        self._error_labels.add((pool, reason))
+        self.upstream_errors.labels(pool, reason).inc()
+
+    def count_retry(self, pool: str) -> None:
+        self._retry_pools.add(pool)
+        self.retries.labels(pool).inc()
+
+    def forget(self, *, routes: set[str], pools: set[str]) -> None:
+        """Remove every series of a (class, pool) or (pool, replica) whose route or pool is not kept."""
+        for (route, pool), series in list(self._series.items()):
+            if (route not in routes and route != NO_CLASS) or (pool not in pools and pool != NO_POOL):
+                del self._series[(route, pool)]
+                for metric in self._per_route_metrics():
+                    metric.remove(route, pool)
+                for status in series.statuses():
+                    self.requests.remove(route, pool, status)
+        for pool, replica in [key for key in self._inflight if key[0] not in pools]:
+            del self._inflight[(pool, replica)]
+            self.inflight.remove(pool, replica)
+        for pool, reason in [key for key in self._error_labels if key[0] not in pools]:
+            self._error_labels.discard((pool, reason))
+            self.upstream_errors.remove(pool, reason)
+        for pool in self._retry_pools - pools:
+            self._retry_pools.discard(pool)
+            self.retries.remove(pool)
+
+    def _per_route_metrics(self) -> tuple[Any, ...]:
+        return (self.request_duration, self.time_to_first_token, self.time_per_output_token, self.output_tokens,
+                self.prompt_tokens, self.queue_wait, self.slo_met)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+NO_POOL = "none"  # the pool label of a request answered before a pool was chosen
+NO_CLASS = "none"  # the class label of a request refused before its class was known
+

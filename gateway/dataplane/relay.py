@@ -1,7 +1,11 @@
 """Relaying an engine's response to the client, one SSE event at a time, and noting what it carried.
 
-The relay reads usage (prompt and completion tokens) and the times of the first and last streamed token
-into an :class:`Outcome`, which the router turns into metrics.
+The relay reads usage (prompt and completion tokens: the engine's own count, since one SSE event may carry
+several tokens) and the times of the first and last streamed content event into an :class:`Outcome`, which the
+router turns into metrics. When the client did not ask for the usage chunk, the router asked the engine for it
+anyway and the relay does not forward it. A stream that ends cleanly with ``[DONE]`` is read to its end so its
+connection goes back to the pool for reuse; any other end closes the connection, which cancels the request in the
+engine.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.dataplane.asgi import SSE_HEADERS, ClientDisconnected, Receive, Send, send_bytes
+from gateway.dataplane.asgi import SSE_HEADERS, ClientDisconnected, Headers, Receive, Send, send_bytes
 from gateway.dataplane.upstream import (
     DONE_EVENT,
     UpstreamFailure,
@@ -40,28 +44,42 @@ class Outcome:
     last_token_at: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
+    content_events: int = 0  # streamed events that carried output (fallback count when the engine sends no usage)
 
 
-async def relay_whole(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
+@dataclass(frozen=True)
+class RelayOptions:
+    """How to relay one response: headers to add, whether the client wants the usage chunk, timeouts (seconds;
+    ``first_byte_deadline`` in event-loop time)."""
+
+    headers: Headers
+    forward_usage: bool
+    first_byte_deadline: float
+    idle_s: float
+
+
+async def relay_whole(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome, options: RelayOptions) -> None:
     """Forward a complete (non-streamed or error) response, reading its usage."""
     status = resp.status
     content_type = resp.headers.get("content-type", "application/json").encode()
-    data = await read_all(resp)
+    data = await read_all(resp, idle_s=options.idle_s)
     outcome.status = str(status)
     if status == 200:
         usage = usage_of(data) or {}
         outcome.output_tokens = int(usage.get("completion_tokens") or 0)
         outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    await send_bytes(send, status, data, [(b"content-type", content_type)])
+    await send_bytes(send, status, data, [(b"content-type", content_type), *options.headers])
 
 
-async def relay_stream(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
+async def relay_stream(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome, options: RelayOptions) -> None:
     """Forward an SSE stream. Until its first event arrives a failure is an :class:`UpstreamFailure` (the
     caller may retry); after that the stream ends with an error event and ``[DONE]`` instead."""
     events = sse_events(resp)
+    clean = False
     try:
         try:
-            first = await anext(events)
+            async with asyncio.timeout_at(options.first_byte_deadline):
+                first = await anext(events)
         except StopAsyncIteration:
             raise UpstreamFailure("disconnect", "engine closed the stream before its first event",
                                   retryable=True) from None
@@ -71,41 +89,56 @@ async def relay_stream(resp: aiohttp.ClientResponse, send: Send, outcome: Outcom
             raise UpstreamFailure("timeout", "engine sent no first event in time", retryable=False) from None
         # committed: from here on the client has bytes, so failures end the stream instead of retrying
         outcome.status = "200"
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        finished = await _pump(first, events, send, outcome)
-        if not finished:
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *options.headers]})
+        clean = await _pump(first, events, send, outcome, options)
+        if not clean:
             outcome.status = STREAM_BROKEN
             await send({"type": "http.response.body", "body": error_event("the engine stream ended early"),
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        resp.close()  # unread: drops the connection, which cancels the request in the engine
+        if clean:
+            resp.release()  # read to its end: the connection goes back to the pool
+        else:
+            resp.close()  # unread: drops the connection, which cancels the request in the engine
 
 
-async def _pump(first: bytes, events: AsyncIterator[bytes], send: Send, outcome: Outcome) -> bool:
-    """Forward events as they arrive; True when the engine ended with ``[DONE]``."""
+async def _pump(
+    first: bytes, events: AsyncIterator[bytes], send: Send, outcome: Outcome, options: RelayOptions
+) -> bool:
+    """Forward events as they arrive; True when the engine ended with ``[DONE]`` and closed its body."""
+    loop = asyncio.get_running_loop()
     event = first
     try:
-        while True:
-            if event == DONE_EVENT or event.startswith(b"data: [DONE]"):
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                return True
-            if is_usage_event(event):
-                usage = usage_of(event) or {}
-                outcome.output_tokens = int(usage.get("completion_tokens") or outcome.output_tokens)
-                outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            elif event.startswith(b"data:"):
-                now = time.perf_counter()
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = now
-                outcome.last_token_at = now
-                outcome.output_tokens += 1
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            event = await anext(events)
+        async with asyncio.timeout(None) as idle:
+            while True:
+                if event == DONE_EVENT or event.startswith(b"data: [DONE]"):
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    idle.reschedule(loop.time() + options.idle_s)
+                    async for _ in events:  # the engine ends its body right after [DONE]
+                        pass
+                    return True
+                if is_usage_event(event):
+                    usage = usage_of(event) or {}
+                    outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    if options.forward_usage:
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                else:
+                    if event.startswith(b"data:"):
+                        now = time.perf_counter()
+                        if outcome.first_token_at is None:
+                            outcome.first_token_at = now
+                        outcome.last_token_at = now
+                        outcome.content_events += 1
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                idle.reschedule(loop.time() + options.idle_s)
+                event = await anext(events)
+                idle.reschedule(None)
     except StopAsyncIteration:
         return False
     except (aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("engine stream broke: %s", exc)
+        logger.warning("engine stream broke: %s", exc or type(exc).__name__)
         return False
 
 

@@ -4,10 +4,14 @@ Per request: authenticate, classify (header, model alias, API key, default), pic
 weights, wait (bounded) for the pool's concurrency slot, pick a replica by power of two choices, and
 stream the engine's response back one SSE event at a time. Before any byte reached the client a failed
 attempt is retried on another replica; after that, the stream ends with an SSE error event and
-``[DONE]``. A client disconnect cancels the upstream request.
+``[DONE]``. A client disconnect cancels the upstream request. Every response says which class and pool served
+it (``x-tpgate-class``, ``x-tpgate-pool``).
 
 The router follows the controller's versioned :class:`RoutingTable` in the background and never waits
-on the controller while serving a request.
+on the controller while serving a request: when the controller is away (restarting), it keeps serving on the
+last table, and takes a restarted controller's table (a new epoch) whatever its version. Every half second it
+reports to the controller, per pool, the requests in flight or waiting at the pool's gate, with the table
+(epoch, version) it counted under: that is how a pool is drained without cutting a request.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from gateway.dataplane.asgi import (
 )
 from gateway.dataplane.auth import api_key_class, require_admin
 from gateway.dataplane.gate import ConcurrencyGate
-from gateway.dataplane.metrics import GatewayMetrics
-from gateway.dataplane.relay import Outcome, relay_stream, relay_whole, until_disconnect
+from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
     Endpoint,
@@ -48,9 +52,9 @@ from gateway.dataplane.routing import (
     choose_pool,
     choose_replica,
     classify,
-    served_model_ids,
+    served_models,
 )
-from gateway.dataplane.upstream import Timeouts, UpstreamFailure, new_session, post
+from gateway.dataplane.upstream import Timeouts, UpstreamFailure, new_session, post, with_usage_requested
 from gateway.errors import ApiError
 
 logger = logging.getLogger("tpgate.router")
@@ -58,17 +62,25 @@ logger = logging.getLogger("tpgate.router")
 SUSPECT_FOR_S = 5.0  # a replica that refused a connection is avoided this long, or until the table changes
 REPORT_PERIOD_S = 0.5
 WATCH_TIMEOUT_S = 10.0
+CONTROLLER_RETRY_S = 1.0
 CLIENT_CLOSED = "499"
+CLASS_RESPONSE_HEADER = b"x-tpgate-class"
+POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 
 
 class ControlPlane(Protocol):
     """The router's view of the controller (a Ray actor in production)."""
 
-    async def watch(self, known_version: int, timeout_s: float) -> RoutingTable: ...
+    async def watch(self, epoch: str, version: int, timeout_s: float) -> RoutingTable | None:
+        """The table once it differs from (epoch, version); None when nothing changed in ``timeout_s``."""
+        ...
 
-    async def report_inflight(self, router_id: str, inflight_by_pool: dict[str, int]) -> None: ...
+    async def report_inflight(self, router_id: str, epoch: str, version: int, inflight_by_pool: dict[str, int]) -> None:
+        ...
 
-    async def status(self) -> dict[str, Any]: ...
+    async def raw_status(self) -> dict[str, Any]:
+        """The controller's status as plain JSON-safe values."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,14 @@ class RouterSettings:
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
+
+
+@dataclass
+class _Request:
+    """What the router learnt of one proxied request so far (for its metrics and response headers)."""
+
+    route: str = NO_CLASS
+    outcome: Outcome = field(default_factory=Outcome)
 
 
 class Router:
@@ -173,14 +193,14 @@ class Router:
     async def _follow_controller(self) -> None:
         while True:
             try:
-                table = await self._control.watch(self._table.version, WATCH_TIMEOUT_S)
+                table = await self._control.watch(self._table.epoch, self._table.version, WATCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the controller restarting must not stop the router; keep the last table
-                logger.warning("controller watch failed, retrying: %s", exc)
-                await asyncio.sleep(1.0)
+                logger.warning("controller watch failed, serving on table v%d: %s", self._table.version, exc)
+                await asyncio.sleep(CONTROLLER_RETRY_S)
                 continue
-            if table.version != self._table.version or not self._table_ready.is_set():
+            if table is not None and (table.epoch, table.version) != (self._table.epoch, self._table.version):
                 self.apply_table(table)
 
     def apply_table(self, table: RoutingTable) -> None:
@@ -195,7 +215,16 @@ class Router:
             else:
                 gate.set_limit(limit)
         self._publish_table_metrics(table)
+        self._forget_gone_pools()
         self._table_ready.set()
+
+    def _forget_gone_pools(self) -> None:
+        """Drop gates and metric series of pools and routes that left the table, once nothing uses them."""
+        table = self._table
+        for pool_id, gate in list(self._gates.items()):
+            if pool_id not in table.pools and gate.inflight == 0 and gate.waiting == 0:
+                del self._gates[pool_id]
+        self.metrics.forget(routes=set(table.routes), pools=set(table.pools) | set(self._gates))
 
     def _publish_table_metrics(self, table: RoutingTable) -> None:
         m = self.metrics
@@ -212,40 +241,69 @@ class Router:
 
     async def _report_forever(self) -> None:
         while True:
-            counts = {pool_id: gate.inflight for pool_id, gate in self._gates.items()}
-            try:
-                await self._control.report_inflight(self._router_id, counts)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reporting is best effort; draining waits for the next report
-                logger.warning("in-flight report failed: %s", exc)
+            table = self._table
+            counts = {pool_id: gate.inflight + gate.waiting for pool_id, gate in self._gates.items()}
+            if any(pool_id not in table.pools for pool_id in self._gates):
+                self._forget_gone_pools()
+            if table.published:
+                try:
+                    await self._control.report_inflight(self._router_id, table.epoch, table.version, counts)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # reporting is best effort; draining waits for the next report
+                    logger.warning("in-flight report failed: %s", exc)
             await asyncio.sleep(REPORT_PERIOD_S)
 
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         api_key_class(scope, self._settings.api_key_classes)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tpgate"} for m in served_model_ids(self._table)]
+        self._require_table()
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "tpgate", "simulated": simulated}
+                for model, simulated in served_models(self._table)]
         await send_json(send, 200, {"object": "list", "data": data})
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_bytes(send, 200, self.metrics.exposition(), [(b"content-type", b"text/plain; version=0.0.4")])
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        serving = {r: any(self._table.pools[p].endpoints for p in w if p in self._table.pools)
-                   for r, w in self._table.routes.items()}
+        """200 when every workload class has a healthy replica; trial routes do not count."""
+        table = self._table
+        if not table.published:
+            await send_json(send, 503, {"healthy": False, "reason": "no routing table from the controller yet"},
+                            extra_headers=[("Retry-After", str(self._settings.retry_after_s))])
+            return
+        serving = {route: any(table.pools[p].endpoints for p in weights if p in table.pools)
+                   for route, weights in table.production_routes().items()}
         healthy = bool(serving) and all(serving.values())
         await send_json(send, 200 if healthy else 503, {"healthy": healthy, "routes": serving,
-                                                        "version": self._table.version})
+                                                        "version": table.version})
 
     async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_admin(scope, self._settings.admin_token_digest)
-        await send_json(send, 200, await self._control.status())
+        await send_json(send, 200, await self._control.raw_status())
+
+    def _require_table(self) -> None:
+        if not self._table.published:
+            raise ApiError(503, "the gateway is starting: it has no routing table yet", code="starting",
+                           headers={"Retry-After": str(self._settings.retry_after_s)})
 
     # --- the proxy ------------------------------------------------------------------------------------
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        request = _Request()
+        try:
+            await self._serve(scope, receive, send, request)
+        except ApiError as error:
+            request.outcome.status = str(error.status)
+            await send_error(send, error, extra_headers=_served_by(request))
+        except ClientDisconnected:
+            request.outcome.status = CLIENT_CLOSED
+        finally:
+            self._record(request, started)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
         key_class = api_key_class(scope, self._settings.api_key_classes)
         body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
         try:
@@ -254,30 +312,29 @@ class Router:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "request body must be a JSON object")
+        self._require_table()
         table = self._table
         route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
                          key_class=key_class)
+        request.route = route.route
+        stream = payload.get("stream") is True
+        forward_usage = True
+        if stream:
+            payload, forward_usage = with_usage_requested(payload)
         if route.rewritten:
             payload["model"] = route.upstream_model
+        if route.rewritten or not forward_usage:
             body = json.dumps(payload).encode()
-        stream = payload.get("stream") is True
-        path = scope["path"]
-        outcome = Outcome()
-        try:
-            await until_disconnect(receive, self._forward(table, route.route, path, body, stream, send, outcome))
-        except ApiError as error:
-            outcome.status = str(error.status)
-            raise
-        except ClientDisconnected:
-            outcome.status = CLIENT_CLOSED
-            raise
-        finally:
-            self._record(route.route, outcome, started)
+        await until_disconnect(
+            receive, self._forward(table, route.route, scope["path"], body, stream, forward_usage, send, request)
+        )
 
     async def _forward(
-        self, table: RoutingTable, route: str, path: str, body: bytes, stream: bool, send: Send, outcome: Outcome
+        self, table: RoutingTable, route: str, path: str, body: bytes, stream: bool, forward_usage: bool,
+        send: Send, request: _Request,
     ) -> None:
         weights = table.routes[route]
+        outcome = request.outcome
         tried_pools: set[str] = set()
         tried_replicas: set[str] = set()
         attempts = 0
@@ -309,20 +366,21 @@ class Router:
                     attempts += 1
                     tried_replicas.add(endpoint.replica_id)
                     try:
-                        await self._attempt(pool, endpoint, path, body, stream, send, outcome)
+                        await self._attempt(pool, endpoint, path, body, stream, forward_usage, send, request)
                         return
                     except UpstreamFailure as failure:
-                        self.metrics.upstream_errors.labels(pool.id, failure.reason).inc()
+                        self.metrics.count_upstream_error(pool.id, failure.reason)
                         last_failure = failure
                         if not failure.retryable:
                             raise ApiError(504 if failure.reason == "timeout" else 502, str(failure)) from None
                         if failure.reason == "connect":
                             self._suspect_until[endpoint.replica_id] = time.monotonic() + SUSPECT_FOR_S
                         if attempts < self._settings.max_attempts:
-                            self.metrics.retries.labels(pool.id).inc()
+                            self.metrics.count_retry(pool.id)
             finally:
                 gate.release()
             tried_pools.add(pool.id)
+        outcome.pool = NO_POOL if last_failure is None else outcome.pool
         if last_failure is not None:
             raise ApiError(502, f"no engine replica could serve the request: {last_failure}")
         raise ApiError(503, f"no healthy engine replica for class '{route}'", code="no_healthy_replica",
@@ -335,33 +393,61 @@ class Router:
         return endpoint or choose_replica(pool.endpoints, self._inflight_by_replica, self._rng, exclude=tried)
 
     async def _attempt(
-        self, pool: PoolView, endpoint: Endpoint, path: str, body: bytes, stream: bool, send: Send, outcome: Outcome
+        self, pool: PoolView, endpoint: Endpoint, path: str, body: bytes, stream: bool, forward_usage: bool,
+        send: Send, request: _Request,
     ) -> None:
         assert self._session is not None, "router used before its lifespan started"
         replica = endpoint.replica_id
         self._inflight_by_replica[replica] = self._inflight_by_replica.get(replica, 0) + 1
         gauge = self.metrics.inflight_gauge(pool.id, replica)
         gauge.inc()
+        timeouts = self._settings.timeouts
+        options = RelayOptions(
+            headers=[(CLASS_RESPONSE_HEADER, request.route.encode()), (POOL_RESPONSE_HEADER, pool.id.encode())],
+            forward_usage=forward_usage,
+            first_byte_deadline=asyncio.get_running_loop().time() + timeouts.first_byte_s,
+            idle_s=timeouts.idle_s,
+        )
         try:
-            resp = await post(self._session, endpoint.url + path, body, self._settings.timeouts)
+            resp = await post(self._session, endpoint.url + path, body, timeouts,
+                              first_byte_deadline=options.first_byte_deadline)
             if stream and resp.status == 200:
-                await relay_stream(resp, send, outcome)
+                await relay_stream(resp, send, request.outcome, options)
             else:
-                await relay_whole(resp, send, outcome)
+                await relay_whole(resp, send, request.outcome, options)
         finally:
             self._inflight_by_replica[replica] -= 1
             gauge.dec()
 
-    def _record(self, route: str, outcome: Outcome, started: float) -> None:
-        series = self.metrics.series(route, outcome.pool)
+    def _record(self, request: _Request, started: float) -> None:
+        outcome = request.outcome
+        series = self.metrics.series(request.route, outcome.pool)
         series.requests(outcome.status).inc()
         if outcome.status != "200":
             return
-        series.request_duration.observe(time.perf_counter() - started)
-        series.output_tokens.inc(outcome.output_tokens)
+        e2e_s = time.perf_counter() - started
+        series.request_duration.observe(e2e_s)
+        tokens = outcome.output_tokens or outcome.content_events
+        series.output_tokens.inc(tokens)
         series.prompt_tokens.inc(outcome.prompt_tokens)
+        ttft_s = tpot_s = None
         if outcome.first_token_at is not None:
-            series.time_to_first_token.observe(outcome.first_token_at - started)
-            if outcome.last_token_at is not None and outcome.output_tokens > 1:
-                gap = (outcome.last_token_at - outcome.first_token_at) / (outcome.output_tokens - 1)
-                series.time_per_output_token.observe(gap)
+            ttft_s = outcome.first_token_at - started
+            series.time_to_first_token.observe(ttft_s)
+            if outcome.last_token_at is not None and tokens > 1:
+                tpot_s = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
+                series.time_per_output_token.observe(tpot_s)
+        slo = self._table.slos.get(request.route)
+        pool = self._table.pools.get(outcome.pool)
+        if slo is not None:
+            scale = pool.time_scale if pool is not None else 1.0
+            if slo.met(ttft_s=None if ttft_s is None else ttft_s * scale,
+                       tpot_s=None if tpot_s is None else tpot_s * scale, e2e_s=e2e_s * scale):
+                series.slo_met.inc()
+
+
+def _served_by(request: _Request) -> list[tuple[str, str]]:
+    headers = [] if request.route == NO_CLASS else [(CLASS_RESPONSE_HEADER.decode(), request.route)]
+    if request.outcome.pool != NO_POOL:
+        headers.append((POOL_RESPONSE_HEADER.decode(), request.outcome.pool))
+    return headers

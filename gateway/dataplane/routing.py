@@ -17,6 +17,25 @@ ALIAS_SEPARATOR = ":"
 
 
 @dataclass(frozen=True)
+class RouteSlo:
+    """Per-request latency targets of a route's class, in the engine's clock (seconds; None: no target)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+
+    def met(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float) -> bool:
+        """Whether one request met every target. A response that was not streamed reaches its client whole, so
+        its first token came at ``e2e_s``; a request with one output token has no time per output token."""
+        first_token_s = e2e_s if ttft_s is None else ttft_s
+        return (
+            (self.ttft_s is None or first_token_s <= self.ttft_s)
+            and (self.tpot_s is None or tpot_s is None or tpot_s <= self.tpot_s)
+            and (self.e2e_s is None or e2e_s <= self.e2e_s)
+        )
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One healthy engine replica of a pool."""
 
@@ -32,18 +51,32 @@ class PoolView:
     tp: int
     replicas: int  # desired
     endpoints: tuple[Endpoint, ...] = ()  # registered and healthy
+    time_scale: float = 1.0  # how much faster than real time the engine's clock runs (simulated engines)
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """The controller's routing state at one version."""
+    """The controller's routing state at one version. ``epoch`` names the controller instance that published it:
+    a restarted controller has a new epoch, and routers take its table whatever its version."""
 
     version: int = 0
+    epoch: str = ""
     model: str = ""  # the served model name clients use
     classes: tuple[str, ...] = ()  # workload classes (each has a route and a `<model>:<class>` alias)
     default_class: str = ""
     routes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # route name -> pool id -> weight
     pools: Mapping[str, PoolView] = field(default_factory=dict)
+    slos: Mapping[str, RouteSlo] = field(default_factory=dict)  # route name -> its class's per-request targets
+
+    @property
+    def published(self) -> bool:
+        """False for the empty table a router starts with, before the controller's first one arrives."""
+        return bool(self.epoch)
+
+    def production_routes(self) -> dict[str, Mapping[str, float]]:
+        """The routes of workload classes (trial routes left out)."""
+        return {name: weights for name, weights in self.routes.items() if name in self.classes}
 
 
 @dataclass(frozen=True)
@@ -80,9 +113,15 @@ def classify(
     return Classification(route=route, upstream_model=base, rewritten=bool(sep))
 
 
-def served_model_ids(table: RoutingTable) -> list[str]:
-    """``/v1/models``: the model, then one ``<model>:<class>`` alias per class."""
-    return [table.model, *(f"{table.model}{ALIAS_SEPARATOR}{c}" for c in table.classes)]
+def served_models(table: RoutingTable) -> list[tuple[str, bool]]:
+    """``/v1/models``: the model, then one ``<model>:<class>`` alias per class, each with whether every pool
+    that serves it runs a simulated engine."""
+    def simulated(routes: list[str]) -> bool:
+        pools = [table.pools[p] for r in routes for p in table.routes.get(r, {}) if p in table.pools]
+        return bool(pools) and all(pool.simulated for pool in pools)
+
+    entries = [(table.model, simulated(list(table.classes)))]
+    return entries + [(f"{table.model}{ALIAS_SEPARATOR}{c}", simulated([c])) for c in table.classes]
 
 
 def choose_pool(

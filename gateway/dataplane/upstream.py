@@ -1,14 +1,18 @@
 """Talking to engines: one aiohttp session per process, explicit timeouts, SSE events split as they arrive.
 
 An attempt fails *before commitment* (nothing sent to the client yet) with :class:`UpstreamFailure`; the
-router may then retry on another replica. What counts as retryable: the connection could not be made,
-or it broke before the response (or, when streaming, before its first event) arrived, or the engine
-answered 502/503. A timeout is not retried: the engine may still be working, and a retry would double
-its load.
+router may then retry on another replica. What counts as retryable: the connection could not be made (refused,
+or not made within the connect timeout: nothing was sent), or it broke before the response (or, when streaming,
+before its first event) arrived, or the engine answered 502/503. A first-byte timeout is not retried: the engine
+may still be working, and a retry would double its load.
+
+Three timeouts, each its own setting (:class:`Timeouts`): connecting, the first byte (the response headers and,
+when streaming, the first event), and the idle time between streamed events after that; plus an overall cap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,12 +37,16 @@ class UpstreamFailure(Exception):
 
 @dataclass(frozen=True)
 class Timeouts:
+    """Seconds: to connect, to the first byte, between streamed events after it, and for the whole request."""
+
     connect_s: float
     first_byte_s: float
+    idle_s: float
     total_s: float
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.total_s, sock_connect=self.connect_s, sock_read=self.first_byte_s)
+        # the first-byte and idle limits are enforced by the caller around each read (asyncio.Timeout)
+        return aiohttp.ClientTimeout(total=self.total_s, sock_connect=self.connect_s, connect=self.connect_s)
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -48,27 +56,34 @@ def new_session() -> aiohttp.ClientSession:
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, body: bytes, timeouts: Timeouts
+    session: aiohttp.ClientSession, url: str, body: bytes, timeouts: Timeouts, *, first_byte_deadline: float
 ) -> aiohttp.ClientResponse:
-    """POST and return once the response headers are in; map failures to :class:`UpstreamFailure`."""
+    """POST and return once the response headers are in (by ``first_byte_deadline``, loop time); map failures
+    to :class:`UpstreamFailure`."""
     try:
-        resp = await session.post(url, data=body, headers=UPSTREAM_HEADERS, timeout=timeouts.client_timeout())
+        async with asyncio.timeout_at(first_byte_deadline):
+            resp = await session.post(url, data=body, headers=UPSTREAM_HEADERS, timeout=timeouts.client_timeout())
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamFailure("connect", f"no connection to the engine within {timeouts.connect_s:g} s",
+                              retryable=True) from None
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamFailure("connect", f"cannot connect to engine: {exc.os_error}", retryable=True) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
         raise UpstreamFailure("disconnect", f"engine closed the connection: {exc}", retryable=True) from None
     except TimeoutError:
-        raise UpstreamFailure("timeout", "engine did not answer in time", retryable=False) from None
+        raise UpstreamFailure("timeout", f"engine sent no response within {timeouts.first_byte_s:g} s",
+                              retryable=False) from None
     if resp.status in RETRYABLE_STATUSES:
         resp.release()
         raise UpstreamFailure("status", f"engine answered {resp.status}", retryable=True)
     return resp
 
 
-async def read_all(resp: aiohttp.ClientResponse) -> bytes:
+async def read_all(resp: aiohttp.ClientResponse, *, idle_s: float) -> bytes:
     """The whole body of a non-streamed response, with failures mapped like :func:`post`."""
     try:
-        return await resp.read()
+        async with asyncio.timeout(idle_s):
+            return await resp.read()
     except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
         raise UpstreamFailure("disconnect", f"engine broke off its response: {exc}", retryable=True) from None
     except TimeoutError:
@@ -95,6 +110,18 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 def is_usage_event(event: bytes) -> bool:
     """The ``stream_options.include_usage`` chunk: no choices, only usage."""
     return b'"choices": []' in event or b'"choices":[]' in event
+
+
+def with_usage_requested(payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A streamed request's payload asking the engine for the usage chunk, and whether the client asked for it
+    itself. The gateway counts tokens from the engine's ``usage`` (an SSE event may carry several tokens), and
+    strips the chunk again when the client did not ask for it."""
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return payload, True  # malformed: the engine answers 400, the gateway changes nothing
+    if options is not None and options.get("include_usage") is True:
+        return payload, True
+    return {**payload, "stream_options": {**(options or {}), "include_usage": True}}, False
 
 
 def usage_of(payload: bytes) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ routes:
   interactive: {{only: 1.0}}
   batch: {{only: 1.0}}
 auth: {{admin_token_file: {token_file}}}
+state_file: {state_file}
 """
 
 
@@ -86,7 +87,7 @@ def _default_sigint() -> None:
 def gateway(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fast-path")
     config = workdir / "tpgate.yaml"
-    config.write_text(CONFIG.format(token_file=workdir / "admin-token"))
+    config.write_text(CONFIG.format(token_file=workdir / "admin-token", state_file=workdir / "state.json"))
     port = free_port()
     log_path = workdir / "serve.log"
     with open(log_path, "w") as log:

@@ -1,8 +1,10 @@
 """The router against scripted engines on loopback: routing, retries, streaming failures, limits, auth."""
 
 import asyncio
+import dataclasses
 import json
 import random
+import socket
 
 import aiohttp
 import pytest
@@ -10,12 +12,12 @@ from aiohttp import web
 
 from gateway.dataplane.auth import secret_digest
 from gateway.dataplane.router import Router, RouterSettings
-from gateway.dataplane.routing import Endpoint, PoolView, RoutingTable
+from gateway.dataplane.routing import Endpoint, PoolView, RouteSlo, RoutingTable
 from gateway.dataplane.upstream import Timeouts
 from tests.gateway.asgi_server import serve_asgi
 
 MODEL = "llama-3-8b"
-TIMEOUTS = Timeouts(connect_s=1.0, first_byte_s=5.0, total_s=10.0)
+TIMEOUTS = Timeouts(connect_s=1.0, first_byte_s=5.0, idle_s=5.0, total_s=10.0)
 
 
 class ScriptedEngine:
@@ -25,6 +27,7 @@ class ScriptedEngine:
         self.name = name
         self.behaviour = behaviour
         self.received = []
+        self.peers = []  # client (host, port) of each request: the same port twice means a reused connection
         self.cancelled = 0  # requests whose connection the router closed before the answer
         self.runner = None
         self.url = None
@@ -46,6 +49,11 @@ class ScriptedEngine:
     async def handle(self, request):
         body = await request.json()
         self.received.append(body)
+        self.peers.append(request.transport.get_extra_info("peername"))
+        if self.behaviour == "multi":
+            return await self.multi_token_stream(request, body)
+        if self.behaviour == "slow_first":
+            await asyncio.sleep(1.0)
         if self.behaviour == "busy":
             return web.json_response({"error": {"message": "busy"}}, status=503)
         try:
@@ -63,6 +71,8 @@ class ScriptedEngine:
                 if self.behaviour == "dies" and i == 2:
                     request.transport.close()
                     return resp
+                if self.behaviour == "stalls" and i == 2:
+                    await asyncio.sleep(2.0)
                 chunk = {"choices": [{"delta": {"content": f"t{i}"}}], "served_by": self.name}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await asyncio.sleep(0.01)
@@ -73,29 +83,45 @@ class ScriptedEngine:
             self.cancelled += 1
             raise
 
+    async def multi_token_stream(self, request, body):
+        """Like an engine under load: several tokens per event, usage only when asked for."""
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("a b c", "d e f g"):
+            chunk = {"choices": [{"delta": {"content": text}}], "usage": None}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await asyncio.sleep(0.02)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+            await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
 
 class StaticControl:
     def __init__(self, table):
         self.table = table
         self.reports = []
 
-    async def watch(self, known_version, timeout_s):
-        if known_version == self.table.version:
+    async def watch(self, epoch, version, timeout_s):
+        if (epoch, version) == (self.table.epoch, self.table.version):
             await asyncio.sleep(timeout_s)
+            return None
         return self.table
 
-    async def report_inflight(self, router_id, inflight_by_pool):
-        self.reports.append(inflight_by_pool)
+    async def report_inflight(self, router_id, epoch, version, inflight_by_pool):
+        self.reports.append((epoch, version, inflight_by_pool))
 
-    async def status(self):
+    async def raw_status(self):
         return {"version": self.table.version}
 
 
 def table_for(pools, routes):
     views = {pid: PoolView(pid, tp, len(eps), tuple(Endpoint(e.name, e.url) for e in eps))
              for pid, (tp, eps) in pools.items()}
-    return RoutingTable(version=1, model=MODEL, classes=("interactive", "batch"), default_class="interactive",
-                        routes=routes, pools=views)
+    return RoutingTable(version=1, epoch="e1", model=MODEL, classes=("interactive", "batch"),
+                        default_class="interactive", routes=routes, pools=views)
 
 
 def one_pool(*engines):
@@ -312,3 +338,211 @@ async def test_bad_requests_get_openai_errors(engines, method, path, body, statu
     assert message in payload["error"]["message"]
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert a.received == []
+
+
+async def stream_events(session, url, body, **kwargs):
+    async with session.post(url + "/v1/chat/completions", json=body, **kwargs) as resp:
+        return resp.status, dict(resp.headers), [line async for line in resp.content if line.strip()]
+
+
+async def test_output_tokens_come_from_the_engines_usage_not_from_events(engines):
+    engine = await engines("multi", "multi")
+    router = await start_router(one_pool(engine))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        _, _, plain = await stream_events(session, url, chat(stream=True))
+        _, _, asked = await stream_events(session, url, chat(stream=True, stream_options={"include_usage": True}))
+    assert all(b'"choices": []' not in e for e in plain)  # the client did not ask: the usage chunk is stripped
+    assert any(b'"choices": []' in e for e in asked)
+    assert all(body["stream_options"]["include_usage"] is True for body in engine.received)  # always asked
+    labels = {"class": "interactive", "pool": "pa"}
+    assert metric(router, "tpgate_output_tokens_total", **labels) == 14  # 7 + 7, not 2 events + 2 events
+    assert metric(router, "tpgate_prompt_tokens_total", **labels) == 10
+    gap_sum = metric(router, "tpgate_time_per_output_token_seconds_sum", **labels)
+    assert 0.02 / 6 * 2 <= gap_sum < 0.02 * 2  # (last - first event) / (7 - 1) per request
+
+
+async def test_a_cleanly_finished_stream_leaves_its_connection_for_reuse(engines):
+    engine = await engines("multi", "multi")
+    router = await start_router(one_pool(engine))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        for _ in range(3):
+            await stream_events(session, url, chat(stream=True))
+    assert len(engine.peers) == 3 and len(set(engine.peers)) == 1
+
+
+async def test_errors_answered_before_a_pool_was_chosen_are_counted(engines):
+    a = await engines("a")
+    router = await start_router(one_pool(a), max_body_bytes=4096)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        await post(session, url, chat(model="gpt-4"))
+        await session.post(url + "/v1/chat/completions", data=b"{nope")
+        await session.post(url + "/v1/chat/completions", data=b'{"pad": "' + b"x" * 5000 + b'"}')
+        await post(session, url, chat(), headers={"x-workload-class": "nightly"})
+    none = {"class": "none", "pool": "none"}
+    assert metric(router, "tpgate_requests_total", **none, status="404") == 1
+    assert metric(router, "tpgate_requests_total", **none, status="400") == 2
+    assert metric(router, "tpgate_requests_total", **none, status="413") == 1
+
+
+async def test_series_of_pools_and_trial_routes_that_left_the_table_are_removed(engines):
+    a, b = await engines("a"), await engines("b")
+    with_trial = table_for({"pa": (1, [a]), "trial-pool": (1, [b])},
+                           {"interactive": {"pa": 1.0}, "batch": {"pa": 1.0}, "trial-1": {"trial-pool": 1.0}})
+    router = await start_router(with_trial)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        for _ in range(3):
+            await post(session, url, chat(), headers={"x-workload-class": "trial-1"})
+            await post(session, url, chat())
+    assert b"trial-pool" in router.metrics.exposition()
+    router.apply_table(dataclasses.replace(one_pool(a), version=2))
+    exposition = router.metrics.exposition()
+    assert b"trial-pool" not in exposition and b"trial-1" not in exposition
+    assert metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "200"}) == 3
+
+
+async def test_a_connect_timeout_is_retried_like_a_refused_connection(engines):
+    good = await engines("good")
+    with socket.socket() as black_hole:  # accepts nothing, and its queue is full: connecting hangs
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(0)
+        port = black_hole.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        hanging = ScriptedEngine("hanging")
+        hanging.url = f"http://127.0.0.1:{port}"
+        timeouts = Timeouts(connect_s=0.3, first_byte_s=5.0, idle_s=5.0, total_s=10.0)
+        router = await start_router(one_pool(hanging, good), timeouts=timeouts)
+        async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+            await router.wait_for_table(2)
+            statuses = [(await post(session, url, chat()))[0] for _ in range(6)]
+        for filler in fillers:
+            filler.close()
+    assert statuses == [200] * 6
+    assert metric(router, "tpgate_upstream_errors_total", pool="pa", reason="connect") >= 1
+
+
+async def test_first_byte_and_idle_timeouts_are_separate(engines):
+    slow_first, stalls = await engines("slow_first", "slow_first"), await engines("stalls", "stalls")
+    timeouts = Timeouts(connect_s=1.0, first_byte_s=3.0, idle_s=0.5, total_s=10.0)
+    router = await start_router(table_for({"slow": (1, [slow_first]), "stalling": (1, [stalls])},
+                                          {"interactive": {"slow": 1.0}, "batch": {"stalling": 1.0}}),
+                                timeouts=timeouts)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        status, _, events = await stream_events(session, url, chat(stream=True))  # 1 s to the first byte: fine
+        assert status == 200 and events[-1] == b"data: [DONE]\n" and b"error" not in b"".join(events)
+        _, _, broken = await stream_events(session, url, chat(stream=True), headers={"x-workload-class": "batch"})
+    assert json.loads(broken[-2][6:])["error"]["type"] == "upstream_error"  # 2 s of silence > 0.5 s idle
+    assert metric(router, "tpgate_requests_total", **{"class": "batch", "pool": "stalling", "status": "502"}) == 1
+
+
+async def test_health_reflects_production_routes_only(engines):
+    a = await engines("a")
+    table = table_for({"pa": (1, [a]), "starting": (1, [])},
+                      {"interactive": {"pa": 1.0}, "batch": {"pa": 1.0}, "trial-1": {"starting": 1.0}})
+    router = await start_router(table)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        health = await session.get(url + "/health")
+        assert health.status == 200 and (await health.json())["routes"] == {"interactive": True, "batch": True}
+
+
+class SilentControl(StaticControl):
+    """A controller that never answers (not yet up)."""
+
+    async def watch(self, epoch, version, timeout_s):
+        await asyncio.sleep(timeout_s)
+        return None
+
+
+async def test_before_the_first_table_requests_get_503_with_retry_after():
+    router = Router(RouterSettings(timeouts=TIMEOUTS, retry_after_s=2), SilentControl(RoutingTable()))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        status, headers, body = await post(session, url, chat())
+        health = await session.get(url + "/health")
+        models = await session.get(url + "/v1/models")
+    assert status == 503 and headers["Retry-After"] == "2" and json.loads(body)["error"]["code"] == "starting"
+    assert health.status == 503 and models.status == 503
+
+
+async def test_responses_say_which_class_and_pool_served_them(engines):
+    a = await engines("a")
+    router = await start_router(one_pool(a))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        _, plain, _ = await post(session, url, chat(), headers={"x-workload-class": "batch"})
+        _, streamed, _ = await stream_events(session, url, chat(stream=True))
+        _, refused, _ = await post(session, url, chat(model="gpt-4"))
+    assert (plain["x-tpgate-class"], plain["x-tpgate-pool"]) == ("batch", "pa")
+    assert (streamed["x-tpgate-class"], streamed["x-tpgate-pool"]) == ("interactive", "pa")
+    assert "x-tpgate-pool" not in refused
+
+
+async def test_reports_count_waiters_under_the_table_version(engines):
+    slow = await engines("slow", "slow")
+    router = await start_router(one_pool(slow), max_inflight_per_replica=1, queue_timeout_s=3.0)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        requests = [asyncio.create_task(post(session, url, chat())) for _ in range(2)]
+        await asyncio.sleep(0.7)
+        reports = list(router._control.reports)
+        await asyncio.gather(*requests)
+    assert ("e1", 1, {"pa": 2}) in reports  # one in flight, one waiting at the gate
+
+
+class FlakyControl(StaticControl):
+    """Fails while ``down``, then serves ``table``."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.down = False
+
+    async def watch(self, epoch, version, timeout_s):
+        if self.down:
+            raise ConnectionError("controller restarting")
+        return await super().watch(epoch, version, min(timeout_s, 0.1))
+
+
+async def test_router_keeps_its_table_while_the_controller_is_away_and_takes_a_new_epoch(engines, monkeypatch):
+    monkeypatch.setattr("gateway.dataplane.router.CONTROLLER_RETRY_S", 0.05)
+    a = await engines("a")
+    control = FlakyControl(dataclasses.replace(one_pool(a), version=7))
+    router = Router(RouterSettings(timeouts=TIMEOUTS), control, rng=random.Random(1))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        control.down = True
+        await asyncio.sleep(0.3)
+        assert (await post(session, url, chat()))[0] == 200  # served on the last table
+        control.table = dataclasses.replace(one_pool(a), epoch="e2", version=3)  # restarted: lower version
+        control.down = False
+        for _ in range(40):
+            if router.table.epoch == "e2":
+                break
+            await asyncio.sleep(0.05)
+    assert (router.table.epoch, router.table.version) == ("e2", 3)
+
+
+async def test_slo_met_requests_are_judged_in_the_engines_clock(engines):
+    a = await engines("a")
+    fast = dataclasses.replace(one_pool(a), slos={"interactive": RouteSlo(e2e_s=5.0), "batch": RouteSlo(e2e_s=1e-7)})
+    router = await start_router(fast)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        await post(session, url, chat())
+        await post(session, url, chat(), headers={"x-workload-class": "batch"})
+    assert metric(router, "tpgate_slo_met_requests_total", **{"class": "interactive", "pool": "pa"}) == 1
+    assert metric(router, "tpgate_slo_met_requests_total", **{"class": "batch", "pool": "pa"}) == 0
+    scaled = dataclasses.replace(fast, pools={"pa": dataclasses.replace(fast.pools["pa"], time_scale=1e6)})
+    router._control.table = dataclasses.replace(scaled, version=2)
+    router.apply_table(router._control.table)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await post(session, url, chat())  # milliseconds of wall time are ages of engine time at this scale
+    assert metric(router, "tpgate_slo_met_requests_total", **{"class": "interactive", "pool": "pa"}) == 1

@@ -10,7 +10,7 @@ from gateway.dataplane.routing import (
     choose_pool,
     choose_replica,
     classify,
-    served_model_ids,
+    served_models,
 )
 from gateway.errors import ApiError
 
@@ -57,7 +57,7 @@ def test_classification_errors(model, header, status, message):
 
 
 def test_models_lists_the_model_and_one_alias_per_class():
-    assert served_model_ids(TABLE) == ["llama-3-8b", "llama-3-8b:interactive", "llama-3-8b:batch"]
+    assert [m for m, _ in served_models(TABLE)] == ["llama-3-8b", "llama-3-8b:interactive", "llama-3-8b:batch"]
 
 
 def test_weighted_pool_choice_follows_the_weights():
