@@ -212,6 +212,12 @@ def test_completion_of_several_prompts_gives_a_choice_per_prompt(client: openai.
     assert order == sorted(order) and set(order) == {0, 1}  # streamed one prompt after the other
 
 
+async def test_an_empty_prompt_list_gives_no_choices_as_in_lmdeploy(sim: str):
+    status, payload = await post(sim, "/v1/completions", {"model": SERVED, "prompt": []})
+    assert status == 200
+    assert payload["choices"] == [] and payload["usage"]["total_tokens"] == 0
+
+
 def test_streaming_completion_without_usage(client: openai.OpenAI):
     chunks = list(client.completions.create(model=SERVED, prompt="x", max_tokens=6, stream=True,
                                             extra_body={"ignore_eos": True}))
