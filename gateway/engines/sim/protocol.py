@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -263,11 +263,10 @@ def _finish(
     return GenerationRequest(kind, model, choices, bool(stream), include_usage)
 
 
-@dataclass(frozen=True)
-class ChoiceDelta:
-    """What one streamed event carries for one choice."""
+class ChoiceDelta(NamedTuple):
+    """What one streamed event carries for one choice (a tuple: one is made per token on the hot path)."""
 
-    index: int
+    choice_index: int
     text: str
     finish_reason: str | None = None
 
@@ -308,12 +307,12 @@ class ResponseWriter:
     def chunk(self, deltas: list[ChoiceDelta]) -> dict[str, Any]:
         """One streamed event: the choices that made progress since the last one, by index."""
         choices = []
-        for delta in sorted(deltas, key=lambda d: d.index):
+        for delta in sorted(deltas) if len(deltas) > 1 else deltas:
             if self.request.kind == "chat":
-                choices.append({"index": delta.index, "delta": {"role": "assistant", "content": delta.text},
+                choices.append({"index": delta.choice_index, "delta": {"role": "assistant", "content": delta.text},
                                 "logprobs": None, "finish_reason": delta.finish_reason})
             else:
-                choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
+                choices.append({"index": delta.choice_index, "text": delta.text, "logprobs": None,
                                 "finish_reason": delta.finish_reason})
         return {
             "id": self.id, "object": self._chunk_object, "created": self.created, "model": self.request.model,

@@ -234,29 +234,15 @@ async def _stream(
     for group in groups:
         submitted = {index: _submit(scheduler, parsed, index) for index in group}
         sequences += submitted.values()
-        events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
-        forwarders = [asyncio.create_task(_forward(index, seq, events)) for index, seq in submitted.items()]
-        try:
-            sent = dict.fromkeys(group, 0)
-            while any(sent[index] < parsed.choices[index].plan.output_tokens for index in group):
-                notices = [await events.get()]
-                while not events.empty():  # every choice that produced in this step, and steps this writer missed
-                    notices.append(events.get_nowait())
-                if any(new is None for _, new in notices):
-                    await response.write(sse(error_body("the engine is shutting down",
-                                                        type=ERROR_TYPE_BY_STATUS[503])))
-                    await response.write(SSE_DONE)
-                    return response
-                deltas = []
-                for index in sorted({index for index, _ in notices}):
-                    new = sum(count or 0 for i, count in notices if i == index)
-                    deltas.append(_delta(parsed, index, sent[index], new))
-                    sent[index] += new
-                    generated += new
-                await response.write(sse(writer.chunk(deltas)))
-        finally:
-            for task in forwarders:
-                task.cancel()
+        if len(group) == 1:  # the common case, and the hot path: no task, no merging
+            sent = await _stream_one(response, parsed, writer, group[0], submitted[group[0]])
+        else:
+            sent = await _stream_together(response, parsed, writer, submitted)
+        if sent is None:
+            await response.write(sse(error_body("the engine is shutting down", type=ERROR_TYPE_BY_STATUS[503])))
+            await response.write(SSE_DONE)
+            return response
+        generated += sent
     if parsed.include_usage:
         await response.write(sse(writer.usage_chunk(generated)))
     await response.write(SSE_DONE)
@@ -264,8 +250,54 @@ async def _stream(
     return response
 
 
+async def _stream_one(
+    response: web.StreamResponse, parsed: GenerationRequest, writer: ResponseWriter, index: int, seq: Sequence
+) -> int | None:
+    """Stream one choice; returns its tokens, or None when the engine stopped."""
+    plan = parsed.choices[index].plan
+    sent = 0
+    while sent < plan.output_tokens:
+        new = await seq.tokens.get()
+        while new is not None and not seq.tokens.empty():  # coalesce tokens this writer fell behind on
+            more = seq.tokens.get_nowait()
+            new = None if more is None else new + more
+        if new is None:
+            return None
+        await response.write(sse(writer.chunk([_delta(parsed, index, sent, new)])))
+        sent += new
+    return sent
+
+
+async def _stream_together(
+    response: web.StreamResponse, parsed: GenerationRequest, writer: ResponseWriter, sequences: dict[int, Sequence]
+) -> int | None:
+    """Stream several choices that run at once, one event per step with every choice that progressed; returns
+    their tokens, or None when the engine stopped."""
+    events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+    forwarders = [asyncio.create_task(_forward(index, seq, events)) for index, seq in sequences.items()]
+    try:
+        sent = dict.fromkeys(sequences, 0)
+        while any(sent[index] < parsed.choices[index].plan.output_tokens for index in sequences):
+            notices = [await events.get()]
+            while not events.empty():  # every choice that produced in this step, and steps this writer missed
+                notices.append(events.get_nowait())
+            if any(new is None for _, new in notices):
+                return None
+            new_by_index: dict[int, int] = {}
+            for index, new in notices:
+                new_by_index[index] = new_by_index.get(index, 0) + (new or 0)
+            deltas = [_delta(parsed, index, sent[index], new) for index, new in sorted(new_by_index.items())]
+            for index, new in new_by_index.items():
+                sent[index] += new
+            await response.write(sse(writer.chunk(deltas)))
+        return sum(sent.values())
+    finally:
+        for task in forwarders:
+            task.cancel()
+
+
 async def _forward(index: int, seq: Sequence, events: asyncio.Queue[tuple[int, int | None]]) -> None:
-    """Tag one sequence's token notices with its choice index, into the response's shared queue."""
+    """Tag one sequence's token notices with its choice index, into the shared queue."""
     received = 0
     while received < seq.output_tokens:
         new = await seq.tokens.get()
