@@ -15,12 +15,15 @@ first token, ms) and ``TPOT`` (time per output token after the first, ms; "size"
 that ``tpgate load`` computes from the per-request records (``--records FILE``).
 
 The run stops by itself: after the profile's warm-up plus duration, or once ``max_requests`` requests were
-sent and answered. Statistics are reset when the warm-up ends, so locust's tables show the measured window.
-The request cap and the record file are per locust process (distributed runs cap and record each worker).
+sent and answered. It stops at once, with the reason, when the target cannot be used: ``/v1/models`` fails
+or lists no model, or the connection is refused before any request succeeded (``connection refused at URL``).
+Statistics are reset when the warm-up ends, so locust's tables show the measured window. The request cap and
+the record file are per locust process (distributed runs cap and record each worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -34,13 +37,15 @@ from locust.contrib.fasthttp import FAILURE_EXCEPTIONS
 from locust.env import Environment
 from locust.exception import StopUser
 
+from loadtests import failures
 from loadtests.env import API_KEY_ENV, PROFILE_ENV, RECORDS_ENV
 from loadtests.profile import ClosedLoop, Profile, load_profile
-from loadtests.records import Phase, RecordWriter, RequestRecord
+from loadtests.records import Phase, RecordWriter, RequestRecord, Sent
 from loadtests.stream import StreamTally, error_message, parse_response
 from loadtests.workload import RequestSpec, arrival_offsets_s, build_request, request_specs, think_times_s
 
 logger = logging.getLogger("tpgate.load")
+SENT_INTERVAL_S = 0.5  # how often the count of sent requests goes to the records (while it changes)
 
 
 @events.init_command_line_parser.add_listener
@@ -67,13 +72,15 @@ class LoadRun:
         self._specs = request_specs(profile)
         self._arrivals = None if isinstance(profile.arrival, ClosedLoop) else arrival_offsets_s(profile)
         self._model_lock = gevent.lock.Semaphore()
-        self._model_error: str | None = None
+        self._model_error: _RunAborted | None = None
         self._sent = 0
         self._in_flight = 0
+        self._succeeded = 0
         self._cap_drained = gevent.event.Event()
         self._stopping = False
         self._stopped = gevent.event.Event()  # wakes users waiting for an arrival
         self.supervisor: gevent.Greenlet | None = None
+        self.reporter: gevent.Greenlet | None = None
 
     # -- the request sequence -------------------------------------------------------------------
     def wait_for_arrival(self) -> None:
@@ -90,23 +97,27 @@ class LoadRun:
         self._in_flight += 1
         return next(self._specs)
 
-    def finish(self, record: RequestRecord) -> None:
+    def finish(self, record: RequestRecord, *, host: str) -> None:
         self._in_flight -= 1
+        self._succeeded += record.ok
         if self._writer is not None:
             self._writer.write(record)
         if self._sent >= self.profile.max_requests and self._in_flight == 0:
             self._cap_drained.set()
+        if record.cause == failures.CONNECTION_REFUSED and not self._succeeded:
+            # nothing listens there (the gateway is not running): say so now rather than fail for the whole run
+            self.stop(f"error: {failures.describe(failures.CONNECTION_REFUSED, host)}")
 
     def ensure_model(self, user: FastHttpUser) -> str:
         """The model to ask for: the profile's, else the first one the target lists (asked once)."""
         with self._model_lock:
             if self._model_error is not None:
-                raise _RunAborted(self._model_error)
+                raise self._model_error
             if self.model is None:
                 try:
                     self.model = _discover_model(user, self.api_key)
                 except _RunAborted as exc:
-                    self._model_error = str(exc)
+                    self._model_error = exc
                     raise
             return self.model
 
@@ -119,6 +130,17 @@ class LoadRun:
             self._write_phase(Phase("measure", time.time()))
             self._cap_drained.wait(timeout=profile.duration_s)
         self.stop("max_requests" if self._sent >= profile.max_requests else "duration")
+
+    def report_sent(self) -> None:
+        """Runs in its own greenlet: the count of requests sent, so progress can show those in flight."""
+        written = None
+        while True:
+            if self._sent != written:
+                written = self._sent
+                if self._writer is not None:
+                    self._writer.write(Sent(time.time(), written))
+            if self._stopped.wait(timeout=SENT_INTERVAL_S):
+                return
 
     def stop(self, reason: str, *, stop_runner: bool = True) -> None:
         """No more requests; requests in flight may finish (locust's --stop-timeout); then stop or quit."""
@@ -137,8 +159,9 @@ class LoadRun:
 
     def close(self) -> None:
         """After the test stopped: record why (if nothing did yet) and close the record file."""
-        if self.supervisor is not None and self.supervisor is not gevent.getcurrent():
-            self.supervisor.kill(block=False)
+        for greenlet in (self.supervisor, self.reporter):
+            if greenlet is not None and greenlet is not gevent.getcurrent():
+                greenlet.kill(block=False)
         self.stop("stopped", stop_runner=False)
         if self._writer is not None:
             self._writer.close()
@@ -151,20 +174,34 @@ class LoadRun:
 def _discover_model(user: FastHttpUser, api_key: str | None) -> str:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     with user.client.get("/v1/models", headers=headers, name="/v1/models", catch_response=True) as response:
-        status = response.status_code
-        try:
-            models = [str(m["id"]) for m in response.json()["data"]] if status == 200 else []
-        except (ValueError, KeyError, TypeError):
-            models = []
-        if not models:
-            response.failure(f"cannot list models: HTTP {status}")
-    if not models:
-        raise _RunAborted(f"error: GET /v1/models answered HTTP {status} with no model")
+        status = response.status_code or 0
+        failure: _RunAborted | None = None
+        models: list[str] = []
+        if status == 0:  # no answer: locust records the exception and status 0
+            cause = failures.exception_cause(getattr(response, "error", None))
+            failure = _RunAborted(failures.describe(cause, user.host), cause)
+        elif status != 200:
+            failure = _RunAborted(f"GET {user.host}/v1/models answered {_http_error(response)}",
+                                  failures.http_cause(status))
+        else:
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # not a model list: none listed
+                models = [str(m["id"]) for m in response.json()["data"]]
+            if not models:
+                failure = _RunAborted(f"GET {user.host}/v1/models answered HTTP 200 with no model",
+                                      failures.BAD_RESPONSE)
+        if failure is not None:
+            response.failure(failure.reason)
+            raise failure
     return models[0]
 
 
 class _RunAborted(Exception):
-    """The run cannot go on (for example: no model to ask for)."""
+    """The run cannot go on (for example: no model to ask for). ``reason`` names the target and the cause."""
+
+    def __init__(self, reason: str, cause: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
 
 
 class OpenAIUser(FastHttpUser):
@@ -200,10 +237,11 @@ class OpenAIUser(FastHttpUser):
             model = run.ensure_model(self)
         except _RunAborted as exc:
             run.finish(RequestRecord(index=spec.index, start_s=time.time(), e2e_s=0.0, ttft_s=None, output_tokens=0,
-                                     prompt_tokens=spec.prompt_tokens, ok=False, status=0, error=str(exc)))
-            run.stop(str(exc))
+                                     prompt_tokens=spec.prompt_tokens, ok=False, status=0, error=exc.reason,
+                                     cause=exc.cause), host=self.host)
+            run.stop(f"error: {exc.reason}")
             raise StopUser() from None
-        run.finish(self._send(run, spec, model))
+        run.finish(self._send(run, spec, model), host=self.host)
 
     def _send(self, run: LoadRun, spec: RequestSpec, model: str) -> RequestRecord:
         profile = run.profile
@@ -212,23 +250,32 @@ class OpenAIUser(FastHttpUser):
         tally = StreamTally(api=profile.api)
         start_s, start_perf_s = time.time(), time.perf_counter()
         error: str | None = None
+        cause: str | None = None
         output_tokens = 0
         with self.client.request("POST", request.path, name=name, json=request.body, headers=request.headers,
                                  stream=profile.stream, catch_response=True) as response:
             status = response.status_code or 0
             try:
-                if status != 200:
-                    error = _http_error(response)
+                if status == 0:  # no answer: locust records the exception and status 0
+                    exception = getattr(response, "error", None)
+                    cause = failures.exception_cause(exception)
+                    error = f"{cause}: {exception}" if exception is not None else cause
+                elif status != 200:
+                    error, cause = _http_error(response), failures.http_cause(status)
                 elif profile.stream:
                     for line in _sse_lines(response):
                         tally.feed_line(line, time.perf_counter() - start_perf_s)
                     error, output_tokens = tally.failure(), tally.output_tokens
+                    if error is not None:
+                        cause = failures.ERROR_EVENT if tally.error is not None else failures.BAD_RESPONSE
                 else:
                     output_tokens, _, error = parse_response(response.json())
+                    cause = None if error is None else failures.BAD_RESPONSE
             except FAILURE_EXCEPTIONS as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                cause = failures.exception_cause(exc)
+                error = f"{cause}: {type(exc).__name__}: {exc}"
             except ValueError as exc:  # a body that is not JSON
-                error = f"malformed response: {exc}"
+                error, cause = f"malformed response: {exc}", failures.BAD_RESPONSE
             e2e_s = time.perf_counter() - start_perf_s
             response.request_meta["response_time"] = e2e_s * 1000
             response.request_meta["response_length"] = output_tokens
@@ -238,7 +285,7 @@ class OpenAIUser(FastHttpUser):
                 response.failure(error)
         record = RequestRecord(
             index=spec.index, start_s=start_s, e2e_s=e2e_s, ttft_s=tally.first_token_s, output_tokens=output_tokens,
-            prompt_tokens=spec.prompt_tokens, ok=error is None, status=status, error=error,
+            prompt_tokens=spec.prompt_tokens, ok=error is None, status=status, error=error, cause=cause,
         )
         if record.ok:
             self._report_token_timings(name, record)
@@ -263,8 +310,7 @@ def _sse_lines(response: Any) -> Any:
 
 
 def _http_error(response: Any) -> str:
-    if response.status_code == 0 or response.status_code is None:
-        return f"connection failed: {getattr(response, 'error', None)}"
+    """``HTTP <status>: <the error's message>`` for an answer with an error status."""
     try:
         return f"HTTP {response.status_code}: {error_message(response.json())}"
     except (ValueError, AttributeError):
@@ -305,6 +351,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     OpenAIUser._next_user_index = 0
     run.supervisor = gevent.spawn(run.supervise)
     run.supervisor.link_exception(lambda g: logger.error("supervisor failed: %s", g.exception))
+    run.reporter = gevent.spawn(run.report_sent)
 
 
 @events.test_stop.add_listener

@@ -1,9 +1,11 @@
 """Per-request records: what the locustfile writes (JSON lines) and the summary reads, so percentiles are
 computed from every request rather than from locust's rounded buckets.
 
-Two kinds of line: ``{"type": "request", ...}`` for each finished request, and ``{"type": "phase", ...}`` when
-the run moves from warm-up to the measured window (``measure``) and when it stops (``stop``, with the reason).
-Times are Unix epoch seconds (so they line up with Prometheus) and durations seconds.
+Three kinds of line: ``{"type": "request", ...}`` for each finished request; ``{"type": "phase", ...}`` when
+the run moves from warm-up to the measured window (``measure``) and when it stops (``stop``, with the reason);
+``{"type": "sent", ...}`` about twice a second while the count changes: how many requests were sent so far,
+so that a reader knows how many are in flight. Times are Unix epoch seconds (so they line up with Prometheus)
+and durations seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class RequestRecord:
     ok: bool
     status: int = 200  # HTTP status; 0 when the connection failed
     error: str | None = None
+    cause: str | None = None  # why it failed, one of loadtests.failures' causes; None when it succeeded
 
     @property
     def end_s(self) -> float:
@@ -51,13 +54,21 @@ class Phase:
     reason: str | None = None  # for stop: "duration", "max_requests" or "stopped"
 
 
-Entry = RequestRecord | Phase
+@dataclass(frozen=True)
+class Sent:
+    """How many requests the run had sent by ``at_s``; those not among the finished ones are in flight."""
+
+    at_s: float
+    requests: int
+
+
+Entry = RequestRecord | Phase | Sent
+_KINDS: dict[type, str] = {RequestRecord: "request", Phase: "phase", Sent: "sent"}
 
 
 def to_line(entry: Entry) -> str:
     """The JSON line for ``entry``, newline included."""
-    kind = "request" if isinstance(entry, RequestRecord) else "phase"
-    return json.dumps({"type": kind, **asdict(entry)}, separators=(",", ":")) + "\n"
+    return json.dumps({"type": _KINDS[type(entry)], **asdict(entry)}, separators=(",", ":")) + "\n"
 
 
 def from_line(line: str) -> Entry:
@@ -68,6 +79,8 @@ def from_line(line: str) -> Entry:
         return RequestRecord(**data)
     if kind == "phase":
         return Phase(**data)
+    if kind == "sent":
+        return Sent(**data)
     raise ValueError(f"unknown record type {kind!r}")
 
 

@@ -136,7 +136,8 @@ def run_load(
     if timed_out:
         summary = dataclasses.replace(summary, stopped_by="time_limit")
     if summary.stopped_by is not None and summary.stopped_by.startswith("error:"):
-        raise LoadRunError(f"{profile.name} against {host}: {summary.stopped_by.removeprefix('error: ')}")
+        # the reason names the target and the cause: "connection refused at http://127.0.0.1:8000"
+        raise LoadRunError(summary.stopped_by.removeprefix("error: "))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary

@@ -12,6 +12,8 @@ metrics for the same window count the same requests:
   and their output tokens per second of it.
 - Latency percentiles are over the window's successful requests, linearly interpolated between ranks (numpy's
   default): TTFT (time to first token), TPOT (time per output token after the first), e2e (whole request).
+- ``failure_causes`` counts the window's failures by cause (``connection refused``, ``timeout``, ``HTTP 503``,
+  ... — see :mod:`loadtests.failures`); ``errors`` keeps the most frequent messages.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtests.records import Entry, Phase, RequestRecord
+from loadtests.failures import BAD_RESPONSE, CONNECTION_ERROR, http_cause
+from loadtests.records import Entry, Phase, RequestRecord, Sent
 
 MAX_ERROR_KINDS = 5
 
@@ -53,6 +56,7 @@ class Summary:
     e2e_p99_s: float | None
     stopped_by: str | None = None  # "duration", "max_requests", "stopped"; None if the run did not say
     errors: dict[str, int] = field(default_factory=dict)  # the most frequent failure messages, with counts
+    failure_causes: dict[str, int] = field(default_factory=dict)  # every failure by cause, most frequent first
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +85,7 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
     for entry in entries:
         if isinstance(entry, RequestRecord):
             requests.append(entry)
-        else:
+        elif isinstance(entry, Phase):
             phases.setdefault(entry.phase, entry)
     start_s = phases["measure"].at_s if "measure" in phases else min((r.start_s for r in requests), default=0.0)
     end_s = phases["stop"].at_s if "stop" in phases else max((r.end_s for r in requests), default=start_s)
@@ -92,7 +96,9 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     tpots = [t for t in (r.tpot_s for r in ok) if t is not None]
     e2es = [r.e2e_s for r in ok]
-    errors = Counter(r.error or f"HTTP {r.status}" for r in measured if not r.ok)
+    failed = [r for r in measured if not r.ok]
+    errors = Counter(r.error or cause_of(r) for r in failed)
+    causes = Counter(cause_of(r) for r in failed)
     stop = phases.get("stop")
     return Summary(
         profile=profile,
@@ -117,7 +123,17 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
         e2e_p99_s=percentile(e2es, 99),
         stopped_by=stop.reason if stop else None,
         errors=dict(errors.most_common(MAX_ERROR_KINDS)),
+        failure_causes=dict(causes.most_common()),
     )
+
+
+def cause_of(record: RequestRecord) -> str:
+    """Why a failed request failed; records written without a cause get one from their status."""
+    if record.cause is not None:
+        return record.cause
+    if record.status == 0:
+        return CONNECTION_ERROR
+    return BAD_RESPONSE if record.status == 200 else http_cause(record.status)
 
 
 def format_table(summary: Summary) -> str:
@@ -140,19 +156,28 @@ def format_table(summary: Summary) -> str:
         ("TPOT p50 / p99", " / ".join(ms(v) for v in (s.tpot_p50_s, s.tpot_p99_s))),
         ("e2e p50 / p99", " / ".join(ms(v) for v in (s.e2e_p50_s, s.e2e_p99_s))),
     ]
+    if summary.failure_causes:
+        causes = ", ".join(f"{cause} x{count:,}" for cause, count in s.failure_causes.items())
+        rows.append(("failures by cause", causes))
     rows += [(f"error x{count}", message) for message, count in summary.errors.items()]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
 def progress_line(entries: Iterable[Entry], *, elapsed_s: float) -> str:
-    """One line of live progress: phase, requests so far, rates and TTFT over the measured window."""
+    """One line of live progress: phase, requests so far, rates and TTFT over the measured window. During the
+    warm-up, when few requests have finished yet, it counts those in flight (sent, not finished)."""
     entries = list(entries)
     summary = summarize(entries)
     phases = {e.phase for e in entries if isinstance(e, Phase)}
     if "measure" not in phases:
-        finished = sum(1 for e in entries if isinstance(e, RequestRecord))
-        return f"[{elapsed_s:6.1f}s] warm-up    {finished:,} requests"
+        finished = [e for e in entries if isinstance(e, RequestRecord)]
+        sent = max((e.requests for e in entries if isinstance(e, Sent)), default=len(finished))
+        failed = sum(1 for r in finished if not r.ok)
+        return (
+            f"[{elapsed_s:6.1f}s] warm-up    {max(sent - len(finished), 0):,} requests in flight, "
+            f"{len(finished):,} finished ({failed:,} failed)"
+        )
     ttft = "-" if summary.ttft_p50_s is None else f"{summary.ttft_p50_s * 1000:,.0f} ms"
     line = (
         f"[{elapsed_s:6.1f}s] {'draining ' if 'stop' in phases else 'measuring'}  {summary.requests:,} requests "

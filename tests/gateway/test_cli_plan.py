@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -89,3 +90,67 @@ def test_console_script_exit_status():
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "plan", "--gpus", "-1"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith("tpgate: error: ")
+
+
+# --- nothing feasible: the closest miss, and what would make it fit -------------------------------------------
+
+KV_SHORT = ["--model", "llama-3-8b", "--gpu", "rtx-4090", "--gpus", "1", "--session-len", "45000"]
+
+
+def suggested_flags(message: str) -> list[list[str]]:
+    """Each ``--flag value`` group the message suggests, e.g. ``["--gpus", "2"]``."""
+    groups = re.findall(r"\((?:[^()]*: )?((?:--[a-z-]+ [\w.-]+ ?)+)", message)
+    return [group.split() for group in groups]
+
+
+def test_nothing_feasible_prints_the_table_then_one_line_and_exits_1(capsys):
+    status, out, err = run(capsys, "plan", "--gpu", "a100-40gb", "--gpus", "2")
+    assert status == 1
+    assert out.count("rejected") == 2 and "feasible" not in out.replace("rejected", "")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("tpgate: nothing feasible: the closest is tp=2, whose KV cache holds 5,501 tokens, 17% of "
+                          "one 32,768-token session")
+    assert "--session-len 5501 or less" in err and "tp=4: --gpus 4" in err and "--gpu l40s" in err
+
+
+def test_nothing_feasible_in_json_keeps_stdout_a_json_list(capsys):
+    status, out, err = run(capsys, "plan", "--gpu", "a100-40gb", "--gpus", "2", "--json")
+    assert status == 1
+    rows = json.loads(out)
+    assert [r["tp"] for r in rows] == [1, 2] and not any(r["feasible"] for r in rows)
+    assert err.startswith("tpgate: nothing feasible: ") and err.count("\n") == 1
+
+
+def test_every_suggested_change_makes_the_plan_feasible(capsys):
+    status, _, err = run(capsys, "plan", *KV_SHORT)
+    assert status == 1
+    assert "88% of one 45,000-token session" in err
+    suggestions = suggested_flags(err)
+    assert [flags[0] for flags in suggestions] == [
+        "--session-len", "--quant-policy", "--cache-max-entry-count", "--gpus", "--gpu",
+    ]
+    for flags in suggestions:
+        argv = list(KV_SHORT)
+        for flag, value in zip(flags[::2], flags[1::2], strict=True):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        status, out, err = run(capsys, "plan", *argv, "--json")
+        assert status == 0, (flags, err)
+        assert any(row["feasible"] for row in json.loads(out))
+
+
+def test_weights_that_do_not_fit_name_the_shortfall(capsys):
+    status, _, err = run(capsys, "plan", "--gpu", "rtx-4090", "--gpus", "2", "--json")
+    assert status == 1
+    assert ("the closest is tp=2, whose weights need 35.7 GiB per GPU plus a 3.0 GiB runtime reserve, 14.8 GiB "
+            "more than the 24.0 GiB of a rtx-4090") in err
+    assert "more GPUs (tp=4: --gpus 4)" in err and "a GPU with more memory (45 GiB: --gpu l40s)" in err
+
+
+def test_tp_sizes_the_model_cannot_take_point_to_one_it_can(capsys):
+    status, _, err = run(capsys, "plan", "--gpus", "8", "--tp", "3", "--tp", "6")
+    assert status == 1
+    assert "40 attention heads are not divisible by 3" in err
+    assert err.rstrip().endswith("it would fit with tp=2 (--tp 2)")

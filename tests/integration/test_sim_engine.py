@@ -82,6 +82,7 @@ def client(sim: str) -> Iterator[openai.OpenAI]:
 
 async def post(url: str, path: str, body: bytes | dict, **headers: str) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **headers}
     async with aiohttp.ClientSession() as session, session.post(f"{url}{path}", data=data, headers=headers) as response:
         return response.status, await response.json()
 
@@ -164,6 +165,59 @@ def test_streaming_chat_with_usage(client: openai.OpenAI):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_chat_with_n_choices(client: openai.OpenAI):
+    response = client.chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "abcd"}], n=3, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.message.content == filler_text(0, 5) and c.finish_reason == "length" for c in response.choices)
+    assert response.usage is not None
+    # the prompt counts once, every choice's output counts
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (3 + 4 + 1, 15)
+
+
+def test_streaming_chat_with_n_choices_interleaves_them_by_index(client: openai.OpenAI):
+    stream = client.chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "abcd"}], n=3, max_tokens=8, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    texts = {index: "" for index in range(3)}
+    finish = {}
+    for chunk in chunks:
+        indexes = [choice.index for choice in chunk.choices]
+        assert indexes == sorted(set(indexes))  # at most one entry per choice, in index order
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    assert texts == {index: filler_text(0, 8) for index in range(3)}
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    # the three sequences run in one batch: most events carry all three choices
+    assert sum(len(chunk.choices) == 3 for chunk in chunks) >= len([c for c in chunks if c.choices]) // 2
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (8, 24)
+
+
+def test_completion_of_several_prompts_gives_a_choice_per_prompt(client: openai.OpenAI):
+    response = client.completions.create(
+        model=SERVED, prompt=["abcd", "abcdefgh"], n=2, max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    assert [(c.index, c.text) for c in response.choices] == [(0, filler_text(0, 4)), (1, filler_text(0, 4))]
+    assert response.usage is not None
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (2 + 3, 8)
+    chunks = list(client.completions.create(model=SERVED, prompt=["a", "b"], max_tokens=3, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    order = [c.choices[0].index for c in chunks]
+    assert order == sorted(order) and set(order) == {0, 1}  # streamed one prompt after the other
+
+
+async def test_an_empty_prompt_list_gives_no_choices_as_in_lmdeploy(sim: str):
+    status, payload = await post(sim, "/v1/completions", {"model": SERVED, "prompt": []})
+    assert status == 200
+    assert payload["choices"] == [] and payload["usage"]["total_tokens"] == 0
+
+
 def test_streaming_completion_without_usage(client: openai.OpenAI):
     chunks = list(client.completions.create(model=SERVED, prompt="x", max_tokens=6, stream=True,
                                             extra_body={"ignore_eos": True}))
@@ -188,20 +242,22 @@ CHAT = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/chat/completions", b"{oops", 400, "not valid JSON"),
         ("/v1/chat/completions", b"", 400, "not valid JSON"),
         ("/v1/chat/completions", b"[]", 400, "must be a JSON object"),
-        ("/v1/chat/completions", {"model": SERVED}, 400, "missing required field 'messages'"),
-        ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "missing required field 'model'"),
-        ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "n=3 is not supported"),
-        ("/v1/chat/completions", {**CHAT, "max_tokens": -1}, 400, "max_tokens must be at least 1"),
-        ("/v1/chat/completions", {**CHAT, "max_tokens": 10**12}, 400, "exceeds the session length"),
-        ("/v1/chat/completions", {**CHAT, "max_tokens": "ten"}, 400, "valid integer"),
-        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "valid boolean"),
+        ("/v1/chat/completions", {"model": SERVED}, 400, "messages: Field required"),
+        ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "model: Field required"),
+        ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages: Input should be a valid list"),
+        ("/v1/chat/completions", {**CHAT, "temperature": -5}, 400, "The temperature -5.0 must be in [0, 2]"),
+        ("/v1/chat/completions", {**CHAT, "n": 129}, 400, "exceeds the maximum supported choices (128)"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": -1}, 400, "The max_tokens -1 must be a positive integer."),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": "ten"}, 400, "max_tokens: Input should be a valid integer"),
+        ("/v1/chat/completions", {**CHAT, "stream": "maybe"}, 400, "stream: Input should be a valid boolean"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 17_000}]}, 400,
-         "exceeds the session length"),
+         "must be smaller than the model context length (4096)"),
         ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "The model 'nope' does not exist."),
-        ("/v1/completions", {"model": SERVED}, 400, "missing required field 'prompt'"),
-        ("/v1/completions", {"model": SERVED, "prompt": ["a", "b"]}, 400, "batched prompts are not supported"),
-        ("/v1/completions", {"model": SERVED, "prompt": 12}, 400, "invalid value for 'prompt'"),
-        ("/v1/completions", {"model": SERVED, "prompt": "x", "max_completion_tokens": 0}, 400, "at least 1"),
+        ("/v1/completions", {"model": SERVED}, 400, "prompt: Field required"),
+        ("/v1/completions", {"model": SERVED, "prompt": [1, 2]}, 400, "prompt.0: Input should be a valid string"),
+        ("/v1/completions", {"model": SERVED, "prompt": 12}, 400, "prompt.str: Input should be a valid string"),
+        ("/v1/completions", {"model": SERVED, "prompt": "x", "max_completion_tokens": 0}, 400,
+         "max_new_tokens must be at least 1, got 0."),
         ("/v1/embeddings", {"model": SERVED, "input": "x"}, 404, "Not Found"),
     ],
 )
@@ -212,6 +268,15 @@ async def test_errors_have_the_openai_shape(sim: str, path: str, body: bytes | d
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert needle in payload["error"]["message"]
     assert payload["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+async def test_a_body_that_is_not_declared_json_is_refused_as_lmdeploy_refuses_it(sim: str):
+    body = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    status, payload = await post(sim, "/v1/chat/completions", body, **{"Content-Type": "text/plain"})
+    assert status == 400
+    assert payload["error"]["message"] == "Unsupported Media Type: Only 'application/json' is allowed"
+    status, _ = await post(sim, "/v1/chat/completions", body, **{"Content-Type": "application/json; charset=utf-8"})
+    assert status == 200
 
 
 async def test_wrong_method_is_405_in_the_openai_shape(sim: str):
@@ -263,6 +328,23 @@ async def test_metrics_have_lmdeploy_names_types_and_labels(sim: str):
     success = [s for s in families["lmdeploy:request_success"].samples if s.labels["finished_reason"] == "length"]
     assert success[0].value >= 1
     assert gauge(text, names.PROMPT_TOKENS_TOTAL) >= 2
+
+
+async def test_each_choice_is_a_request_in_the_engine_metrics(sim: str):
+    """LMDeploy serves n choices as n generations: n finished requests, n prompts prefilled."""
+    before = await scrape(sim)
+    body = {**CHAT, "messages": [{"role": "user", "content": "abcd"}], "n": 4, "max_tokens": 3, "ignore_eos": True}
+    status, payload = await post(sim, "/v1/chat/completions", body)
+    assert status == 200 and len(payload["choices"]) == 4
+    after = await scrape(sim)
+
+    def finished(text: str) -> float:  # over every finished_reason
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == names.REQUEST_SUCCESS_TOTAL)
+
+    assert finished(after) - finished(before) == 4
+    assert gauge(after, names.GENERATION_TOKENS_TOTAL) - gauge(before, names.GENERATION_TOKENS_TOTAL) == 12
+    assert gauge(after, names.PROMPT_TOKENS_TOTAL) - gauge(before, names.PROMPT_TOKENS_TOTAL) == 4 * 8
 
 
 async def test_metrics_are_in_simulated_seconds(sim: str):

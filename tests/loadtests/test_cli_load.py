@@ -1,8 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from gateway.cli import build_parser, main
 from gateway.commands.load import parse_duration_s
 from gateway.errors import UserError
+from tests.processes import free_port
 
 
 @pytest.mark.parametrize(
@@ -52,3 +57,22 @@ def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("tpgate: error: ")
     assert message in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", [[], ["--model", "m"]], ids=["discovering-the-model", "model-given"])
+def test_a_gateway_that_is_not_running_is_one_line_connection_refused_and_status_1(model):
+    port = free_port()  # nobody listens there
+    script = Path(sys.executable).with_name("tpgate")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "gateway.cli"]
+    done = subprocess.run(
+        [*argv, "load", "--profile", "interactive", "--host", f"http://127.0.0.1:{port}", "--duration", "20s",
+         "--warmup", "0", *model],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    *progress, last = done.stderr.splitlines()
+    assert last == f"tpgate: load test failed: connection refused at http://127.0.0.1:{port}"
+    assert all(line.startswith("[") and "warm-up" in line for line in progress)  # a slow start may show progress
+    assert "HTTP 0" not in done.stderr and "Traceback" not in done.stderr

@@ -4,6 +4,8 @@ Two targets: the simulated LMDeploy engine alone (``lmdeploy:`` metrics) and the
 engines behind it (the test session's shared ``gateway``, ``tpgate_`` metrics per class and pool).
 """
 
+import contextlib
+import http.server
 import itertools
 import json
 import socket
@@ -161,13 +163,62 @@ def test_cli_prints_progress_and_the_table(target, tmp_path, capsys):
     assert saved["requests"] >= 1 and saved["failures"] == 0 and saved["ttft_p99_s"] > 0
 
 
-def test_a_target_without_models_fails_the_run(tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_a_target_that_is_not_running_fails_the_run_with_connection_refused():
+    port = free_port()  # nobody listens there
     profile = with_overrides(load_profile("interactive"), duration_s=5, warmup_s=0, max_requests=3)
-    with pytest.raises(LoadRunError, match="/v1/models"):
+    with pytest.raises(LoadRunError) as info:
         run_load(profile, f"http://127.0.0.1:{port}", progress=None)
+    assert str(info.value) == f"connection refused at http://127.0.0.1:{port}"
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the class's status and an OpenAI error body."""
+
+    status = 503
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = json.dumps({"error": {"message": f"answered {self.status}", "type": "x", "param": None,
+                                     "code": None}}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+@contextlib.contextmanager
+def answering(status: int):
+    handler = type("Handler", (_Answers,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_model_list_refused_by_the_target_names_the_status():
+    profile = with_overrides(load_profile("interactive"), duration_s=5, warmup_s=0, max_requests=3)
+    with answering(401) as url, pytest.raises(LoadRunError) as info:
+        run_load(profile, url, progress=None)
+    assert str(info.value) == f"GET {url}/v1/models answered HTTP 401: answered 401"
+
+
+def test_failed_requests_are_summarized_by_cause():
+    profile = with_overrides(load_profile("interactive"), model="m", duration_s=3, warmup_s=0, max_requests=6)
+    with answering(503) as url:
+        summary = run_load(profile, url, progress=None)
+    assert summary.requests == summary.failures == 6
+    assert summary.failure_causes == {"HTTP 503": 6}
+    assert summary.errors == {"HTTP 503: answered 503": 6}
 
 
 def test_the_hard_time_limit_kills_a_run_that_overstays(monkeypatch):

@@ -2,17 +2,19 @@ import json
 
 import pytest
 
-from gateway.engines.sim.protocol import parse_chat, parse_completion
+from gateway.engines.sim.protocol import ServingContext, parse_chat, parse_completion
 from loadtests.prompts import FIRST_WORDS, TEMPLATE_TOKENS, WORDS, engine_prompt_tokens, make_prompt, make_text
+
+ENGINE = ServingContext(served_model="m", session_len=100_000, vocab_size=32_000, multimodal=False)
 
 
 def sim_prompt_tokens(api, text):
     """What the simulated engine's own request parser counts for this text."""
     if api == "chat":
         body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
-        return parse_chat(json.dumps(body).encode(), served_model="m", session_len=100_000).prompt_tokens
+        return parse_chat(json.dumps(body).encode(), ENGINE).prompt_tokens
     body = {"model": "m", "prompt": text, "max_tokens": 1}
-    return parse_completion(json.dumps(body).encode(), served_model="m", session_len=100_000).prompt_tokens
+    return parse_completion(json.dumps(body).encode(), ENGINE).prompt_tokens
 
 
 def test_words_are_four_characters_with_their_separator():

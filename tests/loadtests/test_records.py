@@ -1,4 +1,4 @@
-from loadtests.records import Phase, RecordReader, RecordWriter, RequestRecord, from_line, read_entries, to_line
+from loadtests.records import Phase, RecordReader, RecordWriter, RequestRecord, Sent, from_line, read_entries, to_line
 
 
 def record(**fields):
@@ -14,10 +14,19 @@ def test_tpot_is_the_time_after_the_first_token_per_later_token():
 
 
 def test_lines_round_trip():
-    for entry in (record(error="HTTP 500", ok=False, status=500), Phase("stop", 5.0, "duration")):
+    failed = record(error="HTTP 500: boom", ok=False, status=500, cause="HTTP 500")
+    for entry in (failed, Phase("stop", 5.0, "duration"), Sent(3.5, 12)):
         line = to_line(entry)
         assert line.endswith("\n") and line.count("\n") == 1
         assert from_line(line) == entry
+    assert '"type":"sent"' in to_line(Sent(3.5, 12))
+
+
+def test_a_request_line_without_a_cause_still_reads():
+    line = ('{"type":"request","index":0,"start_s":1.0,"e2e_s":0.0,"ttft_s":null,"output_tokens":0,'
+            '"prompt_tokens":5,"ok":false,"status":0,"error":"connection failed"}')
+    assert from_line(line) == record(start_s=1.0, e2e_s=0.0, ttft_s=None, output_tokens=0, prompt_tokens=5, ok=False,
+                                     status=0, error="connection failed")
 
 
 def test_reader_follows_a_growing_file_and_waits_for_half_lines(tmp_path):

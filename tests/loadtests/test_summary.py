@@ -2,13 +2,13 @@ import random
 
 import pytest
 
-from loadtests.records import Phase, RequestRecord
+from loadtests.records import Phase, RequestRecord, Sent
 from loadtests.summary import format_table, percentile, progress_line, summarize
 
 
-def rec(index, start_s, e2e_s, ttft_s, tokens, *, ok=True, error=None, status=200, prompt=100):
+def rec(index, start_s, e2e_s, ttft_s, tokens, *, ok=True, error=None, status=200, prompt=100, cause=None):
     return RequestRecord(index=index, start_s=start_s, e2e_s=e2e_s, ttft_s=ttft_s, output_tokens=tokens,
-                         prompt_tokens=prompt, ok=ok, status=status, error=error)
+                         prompt_tokens=prompt, ok=ok, status=status, error=error, cause=cause)
 
 
 def test_percentile_interpolates_between_ranks():
@@ -91,9 +91,48 @@ def test_table_is_readable():
     assert "output tokens/s       7.0 (14 tokens)" in table
 
 
+def test_failures_are_counted_by_cause():
+    refused = "connection refused: [Errno 111] Connection refused"
+    entries = [
+        Phase("measure", 0.0),
+        *[rec(i, 0.0, 0.001, None, 0, ok=False, status=0, error=refused, cause="connection refused") for i in range(3)],
+        rec(3, 0.0, 1.0, None, 0, ok=False, status=503, error="HTTP 503: overloaded", cause="HTTP 503"),
+        rec(4, 0.0, 1.0, None, 0, ok=False, status=0, error="timeout: Timeout: 300 seconds", cause="timeout"),
+        rec(5, 0.0, 1.0, 0.1, 5),
+        Phase("stop", 2.0, "duration"),
+    ]
+    s = summarize(entries)
+    assert s.failure_causes == {"connection refused": 3, "HTTP 503": 1, "timeout": 1}
+    assert list(s.failure_causes) == ["connection refused", "HTTP 503", "timeout"]  # most frequent first
+    assert s.errors[refused] == 3
+    assert "failures by cause     connection refused x3, HTTP 503 x1, timeout x1" in format_table(s)
+    assert "failures by cause" not in format_table(summarize([rec(0, 0.0, 1.0, 0.1, 5)]))
+
+
+def test_records_without_a_cause_get_one_from_their_status():
+    s = summarize([rec(0, 0.0, 1.0, None, 0, ok=False, status=0), rec(1, 0.0, 1.0, None, 0, ok=False, status=429),
+                   rec(2, 0.0, 1.0, None, 0, ok=False, status=200, error="response has no choices")])
+    assert s.failure_causes == {"connection error": 1, "HTTP 429": 1, "bad response": 1}
+
+
+def test_warm_up_progress_counts_requests_in_flight():
+    # four sent, none finished yet: the line says so instead of "0 requests"
+    assert "warm-up    4 requests in flight, 0 finished (0 failed)" in progress_line([Sent(1.0, 4)], elapsed_s=2.0)
+    entries = [Sent(1.0, 4), rec(0, 0.0, 1.0, 0.1, 3), Sent(2.0, 6),
+               rec(1, 0.0, 0.1, None, 0, ok=False, status=503, cause="HTTP 503")]
+    assert "warm-up    4 requests in flight, 2 finished (1 failed)" in progress_line(entries, elapsed_s=3.0)
+    # without a count of sent requests (older records) nothing is known to be in flight
+    assert "0 requests in flight, 1 finished" in progress_line([rec(0, 0.0, 1.0, 0.1, 3)], elapsed_s=3.0)
+
+
+def test_sent_counts_do_not_change_the_summary():
+    entries = [Phase("measure", 0.0), rec(1, 0.0, 2.0, 0.3, 5), Phase("stop", 3.0)]
+    assert summarize([Sent(0.5, 9), *entries]) == summarize(entries)
+
+
 def test_progress_line_shows_the_phase():
     warming = progress_line([rec(0, 0.0, 1.0, 0.1, 3)], elapsed_s=3.0)
-    assert "warm-up" in warming and "1 requests" in warming
+    assert "warm-up" in warming and "1 finished" in warming
     measuring = progress_line([Phase("measure", 0.0), rec(1, 0.0, 2.0, 0.3, 5)], elapsed_s=4.0)
     assert "measuring" in measuring and "1 requests (0 failed)" in measuring and "TTFT p50 300 ms" in measuring
 

@@ -4,8 +4,9 @@ Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completion
 streaming), ``GET /health``, ``GET /metrics``, and ``GET /sim/stats`` (the simulator's own: simulated clock,
 steps, preemptions — what the calibration benchmark reads). Every error a client sees has the OpenAI
 shape; a failure after a stream started is sent as a last ``data: {"error": ...}`` event, then
-``data: [DONE]``. SIGTERM or SIGINT stops the engine: in-flight requests end with an error, the port closes,
-and the process exits 0.
+``data: [DONE]``. Every choice of a request (``n`` > 1 on chat, each prompt of a completion) is its own
+sequence in the engine, as in LMDeploy. SIGTERM or SIGINT stops the engine: in-flight requests end with an
+error, the port closes, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from gateway.engines.sim.config import SimEngineSetup
 from gateway.engines.sim.metrics import EngineMetrics
 from gateway.engines.sim.protocol import (
     SSE_DONE,
+    ChoiceDelta,
     GenerationRequest,
     ResponseWriter,
+    ServingContext,
+    check_content_type,
     parse_chat,
     parse_completion,
     sse,
 )
-from gateway.engines.sim.scheduler import EngineStopped, Scheduler, Sequence
+from gateway.engines.sim.scheduler import Scheduler, Sequence
 from gateway.engines.sim.text import filler_text
 from gateway.errors import ERROR_TYPE_BY_STATUS, ApiError, error_body
 from gateway.planner.perf import StepCostModel
@@ -42,6 +46,7 @@ MAX_BODY_BYTES = 16 * 1024**2
 SETUP = web.AppKey("setup", SimEngineSetup)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", EngineMetrics)
+CONTEXT = web.AppKey("context", ServingContext)
 
 
 def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Application:
@@ -59,6 +64,13 @@ def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Appli
                          deviation=setup.deviation)
     app[SETUP] = setup
     app[METRICS] = metrics
+    app[CONTEXT] = ServingContext(
+        served_model=setup.served_model_name,
+        session_len=setup.session_len,
+        vocab_size=setup.model.vocab_size,
+        multimodal=setup.model.vision is not None,
+        backend=setup.knobs.backend,
+    )
     app[SCHEDULER] = Scheduler(
         cost,
         clock or ScaledClock(setup.time_scale),
@@ -169,47 +181,80 @@ async def _sim_stats(request: web.Request) -> web.Response:
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
-    setup = request.app[SETUP]
-    parsed = parse_chat(await request.read(), served_model=setup.served_model_name, session_len=setup.session_len)
-    return await _generate(request, parsed)
+    check_content_type(request.headers.get("Content-Type"))
+    return await _generate(request, parse_chat(await request.read(), request.app[CONTEXT]))
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
-    setup = request.app[SETUP]
-    parsed = parse_completion(await request.read(), served_model=setup.served_model_name,
-                              session_len=setup.session_len)
-    return await _generate(request, parsed)
+    check_content_type(request.headers.get("Content-Type"))
+    return await _generate(request, parse_completion(await request.read(), request.app[CONTEXT]))
 
 
 async def _generate(request: web.Request, parsed: GenerationRequest) -> web.StreamResponse:
+    """Serve every choice as its own sequence in the engine, as LMDeploy does; cancel what is left on the way out."""
     scheduler = request.app[SCHEDULER]
-    plan = parsed.plan
-    seq = scheduler.submit(Sequence(parsed.prompt_tokens, plan.output_tokens, plan.finish_reason,
-                                    stream=parsed.stream))
     writer = ResponseWriter(parsed)
+    sequences: list[Sequence] = []
     try:
         if parsed.stream:
             try:
-                return await _stream(request, parsed, seq, writer)
+                return await _stream(request, parsed, writer, sequences)
             except ConnectionResetError:  # the client went away mid-stream; nobody is left to answer
                 return web.Response(status=499)
-        assert seq.done is not None
-        try:
-            await seq.done
-        except EngineStopped:
-            raise ApiError(503, "the engine is shutting down") from None
-        text = filler_text(0, plan.output_tokens, limit_chars=plan.text_chars)
-        return web.json_response(writer.response(text, plan.output_tokens), dumps=_compact_json)
+        sequences += [_submit(scheduler, parsed, index) for index in range(len(parsed.choices))]
+        # asyncio.wait, not gather: a client that goes away cancels this handler, and the sequences must then
+        # still be running for scheduler.cancel below to take them out of the batch.
+        if sequences:
+            await asyncio.wait([seq.done for seq in sequences if seq.done is not None])
+        if any(seq.done is not None and seq.done.exception() is not None for seq in sequences):
+            raise ApiError(503, "the engine is shutting down")
+        return web.json_response(writer.response(), dumps=_compact_json)
     finally:
-        scheduler.cancel(seq)  # no-op when it finished; frees the slot when the client went away
+        for seq in sequences:
+            scheduler.cancel(seq)  # no-op when it finished; frees the slot when the client went away
+
+
+def _submit(scheduler: Scheduler, parsed: GenerationRequest, index: int) -> Sequence:
+    choice = parsed.choices[index]
+    plan = choice.plan
+    return scheduler.submit(Sequence(choice.prompt_tokens, plan.output_tokens, plan.finish_reason,
+                                     stream=parsed.stream))
 
 
 async def _stream(
-    request: web.Request, parsed: GenerationRequest, seq: Sequence, writer: ResponseWriter
+    request: web.Request, parsed: GenerationRequest, writer: ResponseWriter, sequences: list[Sequence]
 ) -> web.StreamResponse:
+    """SSE: one event per engine step that produced tokens, carrying every choice that made progress."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    plan = parsed.plan
+    scheduler = request.app[SCHEDULER]
+    indexes = range(len(parsed.choices))
+    groups = [[index] for index in indexes] if parsed.streams_one_choice_at_a_time else [list(indexes)]
+    generated = 0
+    for group in groups:
+        submitted = {index: _submit(scheduler, parsed, index) for index in group}
+        sequences += submitted.values()
+        if len(group) == 1:  # the common case, and the hot path: no task, no merging
+            sent = await _stream_one(response, parsed, writer, group[0], submitted[group[0]])
+        else:
+            sent = await _stream_together(response, parsed, writer, submitted)
+        if sent is None:
+            await response.write(sse(error_body("the engine is shutting down", type=ERROR_TYPE_BY_STATUS[503])))
+            await response.write(SSE_DONE)
+            return response
+        generated += sent
+    if parsed.include_usage:
+        await response.write(sse(writer.usage_chunk(generated)))
+    await response.write(SSE_DONE)
+    await response.write_eof()
+    return response
+
+
+async def _stream_one(
+    response: web.StreamResponse, parsed: GenerationRequest, writer: ResponseWriter, index: int, seq: Sequence
+) -> int | None:
+    """Stream one choice; returns its tokens, or None when the engine stopped."""
+    plan = parsed.choices[index].plan
     sent = 0
     while sent < plan.output_tokens:
         new = await seq.tokens.get()
@@ -217,18 +262,56 @@ async def _stream(
             more = seq.tokens.get_nowait()
             new = None if more is None else new + more
         if new is None:
-            await response.write(sse(error_body("the engine is shutting down", type=ERROR_TYPE_BY_STATUS[503])))
-            await response.write(SSE_DONE)
-            return response
-        text = filler_text(sent, sent + new, limit_chars=plan.text_chars)
+            return None
+        await response.write(sse(writer.chunk([_delta(parsed, index, sent, new)])))
         sent += new
-        finish = plan.finish_reason if sent >= plan.output_tokens else None
-        await response.write(sse(writer.chunk(text, finish_reason=finish)))
-    if parsed.include_usage:
-        await response.write(sse(writer.usage_chunk(sent)))
-    await response.write(SSE_DONE)
-    await response.write_eof()
-    return response
+    return sent
+
+
+async def _stream_together(
+    response: web.StreamResponse, parsed: GenerationRequest, writer: ResponseWriter, sequences: dict[int, Sequence]
+) -> int | None:
+    """Stream several choices that run at once, one event per step with every choice that progressed; returns
+    their tokens, or None when the engine stopped."""
+    events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+    forwarders = [asyncio.create_task(_forward(index, seq, events)) for index, seq in sequences.items()]
+    try:
+        sent = dict.fromkeys(sequences, 0)
+        while any(sent[index] < parsed.choices[index].plan.output_tokens for index in sequences):
+            notices = [await events.get()]
+            while not events.empty():  # every choice that produced in this step, and steps this writer missed
+                notices.append(events.get_nowait())
+            if any(new is None for _, new in notices):
+                return None
+            new_by_index: dict[int, int] = {}
+            for index, new in notices:
+                new_by_index[index] = new_by_index.get(index, 0) + (new or 0)
+            deltas = [_delta(parsed, index, sent[index], new) for index, new in sorted(new_by_index.items())]
+            for index, new in new_by_index.items():
+                sent[index] += new
+            await response.write(sse(writer.chunk(deltas)))
+        return sum(sent.values())
+    finally:
+        for task in forwarders:
+            task.cancel()
+
+
+async def _forward(index: int, seq: Sequence, events: asyncio.Queue[tuple[int, int | None]]) -> None:
+    """Tag one sequence's token notices with its choice index, into the shared queue."""
+    received = 0
+    while received < seq.output_tokens:
+        new = await seq.tokens.get()
+        events.put_nowait((index, new))
+        if new is None:
+            return
+        received += new
+
+
+def _delta(parsed: GenerationRequest, index: int, sent: int, new: int) -> ChoiceDelta:
+    plan = parsed.choices[index].plan
+    text = filler_text(sent, sent + new, limit_chars=plan.text_chars)
+    finished = sent + new >= plan.output_tokens
+    return ChoiceDelta(index, text, plan.finish_reason if finished else None)
 
 
 def _compact_json(value: object) -> str:
