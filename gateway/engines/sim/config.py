@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.engines.sim.batch import BatchLimits
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, ModelSpec, evaluate_tp, find_gpu, load_model
 from gateway.planner.perf import KV_BLOCK_TOKENS, Deviation
@@ -61,6 +62,15 @@ class SimEngineSetup:
     @property
     def kv_cache_tokens(self) -> int:
         return self.kv_cache_blocks * KV_BLOCK_TOKENS
+
+    @property
+    def limits(self) -> BatchLimits:
+        """The batch limits TurboMind derives from these settings."""
+        return BatchLimits.turbomind(
+            max_batch_size=self.max_batch_size, kv_cache_blocks=self.kv_cache_blocks,
+            max_prefill_token_num=self.knobs.max_prefill_token_num, session_len=self.session_len, tp=self.tp,
+            block_tokens=KV_BLOCK_TOKENS,
+        )
 
 
 def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = None) -> SimEngineSetup:
