@@ -296,10 +296,14 @@ def predict(
 ) -> Prediction:
     """Analytical steady state of continuous batching for ``workload`` on one replica at ``tp``.
 
-    The running batch is the smallest of the concurrency, ``max_batch_size`` and the sequences the KV cache
-    holds at their mean occupancy (prompt plus half the output). Each step decodes one token for every
-    running sequence and prefills the prompts of the requests that replace finished ones. Clients beyond the
-    batch wait (Little's law gives the wait). Raises UserError when the planner rejects ``tp``.
+    The same rules as the simulated engine's scheduler (TurboMind's), at their means: the running batch is the
+    smallest of the concurrency, ``max_batch_size`` and the sequences the KV cache holds at their mean
+    occupancy (prompt plus half the output, plus half a block). Each step decodes one token for every running
+    sequence and prefills the prompts of the requests that replace finished ones; a prompt longer than what
+    the step's forward budget leaves (``max_prefill_token_num + max_batch_size`` less the decode tokens, cut
+    to a block boundary) takes several steps. A closed-loop client's next request arrives just after a step
+    began, so it waits about one step before its prefill runs. Clients beyond the batch wait (Little's law
+    gives the wait). Raises UserError when the planner rejects ``tp``.
     """
     verdict = evaluate_tp(model, gpu, tp, gpus=tp, gpus_per_node=tp, knobs=knobs)
     if not verdict.feasible:
@@ -307,9 +311,10 @@ def predict(
     cost = StepCostModel(model, gpu, tp, quant_policy=knobs.quant_policy)
     prompt, output = workload.mean_prompt_tokens, workload.mean_output_tokens
     mean_context = prompt + output / 2
+    max_batch_size = knobs.batch_size_on(gpu)
     limits = {
         "concurrency": workload.concurrency,
-        "max_batch_size": knobs.batch_size_on(gpu),
+        "max_batch_size": max_batch_size,
         "kv_cache": max(1, int(verdict.kv_cache_tokens_per_replica // (mean_context + KV_BLOCK_TOKENS / 2))),
     }
     batch_limit = min(limits, key=lambda name: limits[name])
@@ -329,13 +334,13 @@ def predict(
     # Steady state: batch/output requests finish per step, and as many new prompts are prefilled.
     tpot_s = step(batch, batch * prompt / output)
     requests_per_s = batch / (output * tpot_s)
-    chunk = knobs.max_prefill_token_num
+    forward_budget = knobs.max_prefill_token_num + max_batch_size - (batch - 1)
+    chunk = max(KV_BLOCK_TOKENS, forward_budget // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS)
     chunks = math.ceil(prompt / chunk)
     prefill_s = sum(
         step(batch - 1, min(chunk, prompt - i * chunk), prefill_context=i * chunk) for i in range(chunks)
     )
-    # A request arriving mid-step waits on average half a step before its first chunk runs.
-    service_ttft_s = prefill_s + (tpot_s / 2 if batch > 1 else 0.0)
+    service_ttft_s = prefill_s + (tpot_s if batch > 1 else 0.0)
     service_e2e_s = service_ttft_s + (output - 1) * tpot_s
     queue_s = max(0.0, workload.concurrency / requests_per_s - service_e2e_s) if workload.concurrency > batch else 0.0
     return Prediction(

@@ -12,6 +12,7 @@ the scheduler, the batch and the cost model are the engine's own. Two patterns, 
 from __future__ import annotations
 
 import asyncio
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class ReplayResult:
     output_tokens: int
     elapsed_s: float
     mean_ttft_s: float  # first-token latency, queueing included
+    steady_ttft_s: float  # the same without the start-up burst (each client's first request)
     mean_running: float  # requests active per step, averaged over the steps
     steps: int
     preemptions: int
@@ -51,14 +53,14 @@ class _Recorder:
     """The scheduler's observer during a replay: keeps the first-token latencies."""
 
     def __init__(self) -> None:
-        self.ttft_s: list[float] = []
+        self.ttft_s: dict[int, float] = {}  # by request id, which counts up in submission order
 
     def on_step(self, *, prompt_tokens: int, generation_tokens: int) -> None:
         return None
 
     def on_first_token(self, seq: Sequence) -> None:
         assert seq.first_token_s is not None
-        self.ttft_s.append(seq.first_token_s - seq.arrival_s)
+        self.ttft_s[seq.id] = seq.first_token_s - seq.arrival_s
 
     def on_finish(self, seq: Sequence) -> None:
         return None
@@ -93,7 +95,9 @@ async def _replay(
         prompt_tokens=sum(seq.prompt_tokens for seq in done),
         output_tokens=sum(seq.generated for seq in done),
         elapsed_s=max(seq.finished_s or 0.0 for seq in done),
-        mean_ttft_s=sum(recorder.ttft_s) / len(recorder.ttft_s),
+        mean_ttft_s=statistics.fmean(recorder.ttft_s.values()),
+        steady_ttft_s=statistics.fmean([ttft for id_, ttft in recorder.ttft_s.items() if id_ > concurrency]
+                                       or recorder.ttft_s.values()),
         mean_running=stats.mean_running,
         steps=stats.steps,
         preemptions=stats.preemptions,
