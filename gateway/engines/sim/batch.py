@@ -45,7 +45,6 @@ class BatchSequence:
     prompt_tokens: int
     output_tokens: int  # tokens it generates before finishing
     _: KW_ONLY
-    priority: int = 0  # arrival order, set by the batch; lower runs first
     generated: int = 0
     cached_tokens: int = 0
     blocks: int = 0
@@ -76,6 +75,12 @@ class BatchLimits:
         for name in ("max_batch_size", "kv_cache_blocks", "max_forward_tokens", "max_context_tokens", "block_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_forward_tokens < self.block_tokens:
+            # A partial chunk ends on a block boundary: a smaller budget could never move a long prompt on.
+            raise ValueError(
+                f"max_forward_tokens ({self.max_forward_tokens}) must hold at least one block "
+                f"({self.block_tokens} tokens)"
+            )
 
     @classmethod
     def turbomind(
@@ -106,7 +111,7 @@ class Chunk:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one step computes: every active request's chunk, in priority order."""
+    """What one step computes: every active request's chunk, oldest request first."""
 
     chunks: tuple[Chunk, ...]
     preemptions: int = 0  # requests that lost KV blocks to older ones in this step
@@ -134,8 +139,7 @@ class TurboMindBatch:
     limits: BatchLimits
     free_blocks: int = field(init=False)
     queue: deque[BatchSequence] = field(init=False, default_factory=deque)
-    batch: list[BatchSequence] = field(init=False, default_factory=list)  # in priority order
-    _next_priority: int = field(init=False, default=1)
+    batch: list[BatchSequence] = field(init=False, default_factory=list)  # in arrival order: oldest first
 
     def __post_init__(self) -> None:
         self.free_blocks = self.limits.kv_cache_blocks
@@ -159,9 +163,7 @@ class TurboMindBatch:
                 and longest <= self.limits.max_context_tokens)
 
     def add(self, seq: BatchSequence) -> None:
-        """A request arrives: it gets the next priority and waits in the queue."""
-        seq.priority = self._next_priority
-        self._next_priority += 1
+        """A request arrives: it waits in the queue, behind every earlier arrival."""
         self.queue.append(seq)
 
     def remove(self, seq: BatchSequence) -> None:
@@ -177,7 +179,7 @@ class TurboMindBatch:
         while self.queue and len(self.batch) < self.limits.max_batch_size:
             seq = self.queue.popleft()
             seq.in_batch = True
-            self.batch.append(seq)  # arrivals are in priority order, so the batch stays sorted
+            self.batch.append(seq)  # the queue is in arrival order, so the batch stays in it too
         limits = self.limits
         forward_budget, context_budget = limits.max_forward_tokens, limits.max_context_tokens
         chunks: list[Chunk] = []
@@ -202,13 +204,12 @@ class TurboMindBatch:
             if victims is None:
                 stop = index  # out of blocks: this request and every younger one wait
                 continue
-            from_free = min(needed, self.free_blocks)
-            self.free_blocks -= from_free
-            for victim, count in victims:
-                self._evict(victim, count)
+            self.free_blocks -= min(needed, self.free_blocks)
+            for victim_index, count in victims:
+                self._evict(self.batch[victim_index], count)
                 preemptions += 1
                 evicted_total += count
-                stop = min(stop, self.batch.index(victim))
+                stop = min(stop, victim_index)
             seq.blocks += needed
             seq.active = True
             chunks.append(Chunk(seq, seq.cached_tokens, end - seq.cached_tokens))
@@ -242,16 +243,15 @@ class TurboMindBatch:
             self._release(seq)
         return StepOutcome(tuple(produced), tuple(first), tuple(finished), prompt_tokens)
 
-    def _victims(self, index: int, shortfall: int) -> list[tuple[BatchSequence, int]] | None:
-        """Blocks to take from requests younger than ``batch[index]``, youngest first; None if they do not
-        suffice (then nothing is taken)."""
-        victims: list[tuple[BatchSequence, int]] = []
+    def _victims(self, index: int, shortfall: int) -> list[tuple[int, int]] | None:
+        """(batch index, blocks) to take from requests younger than ``batch[index]``, youngest first; None if
+        they do not suffice (then nothing is taken)."""
+        victims: list[tuple[int, int]] = []
         younger = len(self.batch) - 1
         while shortfall > 0 and younger > index:
-            victim = self.batch[younger]
-            taken = min(victim.blocks, shortfall)
+            taken = min(self.batch[younger].blocks, shortfall)
             if taken:
-                victims.append((victim, taken))
+                victims.append((younger, taken))
                 shortfall -= taken
             younger -= 1
         return None if shortfall > 0 else victims

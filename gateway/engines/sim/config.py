@@ -82,7 +82,7 @@ def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = 
     if not verdict.feasible:
         raise UserError(f"cannot simulate {model.name} on {gpu.name}: {verdict.reason}")
     deviation = load_deviation(config.deviation_file) if config.deviation_file else Deviation()
-    return SimEngineSetup(
+    setup = SimEngineSetup(
         served_model_name=config.model_name or model.name,
         model=model,
         gpu=gpu,
@@ -94,6 +94,13 @@ def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = 
         time_scale=config.time_scale,
         deviation=deviation,
     )
+    forward_tokens = knobs.max_prefill_token_num + setup.max_batch_size
+    if forward_tokens < KV_BLOCK_TOKENS:
+        raise UserError(
+            f"cannot simulate {model.name}: max_prefill_token_num + max_batch_size ({forward_tokens}) is less than "
+            f"one KV block ({KV_BLOCK_TOKENS} tokens), so a long prompt could never be prefilled"
+        )
+    return setup
 
 
 def load_deviation(path: str | Path) -> Deviation:
