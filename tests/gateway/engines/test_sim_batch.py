@@ -28,10 +28,13 @@ def test_turbomind_derives_the_budgets_from_its_settings():
                                     session_len=4096, tp=1)
     assert (derived.max_forward_tokens, derived.max_context_tokens, derived.block_tokens) == (8448, 4096, 64)
     # The forward budget is rounded up to a multiple of TP; a session no longer than the batch is squared.
-    odd = BatchLimits.turbomind(max_batch_size=3, kv_cache_blocks=10, max_prefill_token_num=8, session_len=2, tp=4)
+    odd = BatchLimits.turbomind(max_batch_size=3, kv_cache_blocks=10, max_prefill_token_num=8, session_len=2, tp=4,
+                                block_tokens=4)
     assert (odd.max_forward_tokens, odd.max_context_tokens) == (12, 4)
     with pytest.raises(ValueError, match="kv_cache_blocks must be at least 1"):
         limits(kv_cache_blocks=0)
+    with pytest.raises(ValueError, match=r"max_forward_tokens \(63\) must hold at least one block"):
+        limits(max_forward_tokens=63)
 
 
 def test_admission_reserves_blocks_for_the_whole_prompt():
