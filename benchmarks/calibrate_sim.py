@@ -1,27 +1,20 @@
-"""Calibrate the simulated engine against LMDeploy's published A100 figures.
+"""Calibrate the simulated engine: its figures on the rows the performance model's constants were chosen
+against, and its CPU cost.
 
-Replays each setup of ``shared/reference/lmdeploy-benchmarks.md`` against a running ``tpgate engine sim``
-(a subprocess on a free loopback port) and prints simulated vs published figures with their ratio:
+The fitting rows (``benchmarks/published.py``: LMDeploy's two A100 request-throughput rows and its Llama-2-7B
+static-batch curve) are replayed through the engine's own scheduler and cost model on a manual clock, as
+``validate_sim.py`` replays the validation rows: ShareGPT-like lengths (``sharegpt.py``) from a closed loop of
+clients, the engine settings the benchmark used. ``--cpu`` instead starts a real ``tpgate engine sim`` process
+and measures its CPU use while it serves 256 concurrent streams in real time.
 
-- request throughput: 3,000 requests with log-normal prompt and output lengths of the published means,
-  a closed loop of ``max batch`` concurrent clients (as LMDeploy's ``profile_throughput`` does);
-- static batches: ``batch`` identical requests sent together (as ``profile_generation`` does).
-
-Figures are measured from the engine (token counts from the responses' ``usage``, times from its simulated
-clock in ``/sim/stats`` and its ``/metrics``), in simulated seconds, never from the analytical model.
-``--cpu`` instead measures the engine process's CPU use while it serves 256 concurrent streams in real time.
-
-    .venv/bin/python benchmarks/calibrate_sim.py [--cpu] [--time-scale 10]
+    .venv/bin/python benchmarks/calibrate_sim.py [--cpu] [--seed 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
-import random
-import re
 import signal
 import socket
 import subprocess
@@ -29,62 +22,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import aiohttp
+from published import FITTING
+from validate_sim import check, format_table
 
 from gateway.engines.sim.text import text_for_tokens
 
-SEED = 20240601
-# Log-normal spread (sigma of the underlying normal) of prompt and output lengths. The published rows give
-# only the means; the spread decides how close 256 running sequences come to the KV-cache capacity, and so
-# the first-token latency. One value for every setup, chosen once: see docs/simulator.md.
-LENGTH_SIGMA = 0.4
-# The benchmark's ShareGPT filter (LMDeploy's profile_throughput, after vLLM's): pairs outside are redrawn.
-MIN_TOKENS, MAX_PROMPT_TOKENS, MAX_SEQUENCE_TOKENS = 4, 1024, 2048
 TIMEOUT = aiohttp.ClientTimeout(total=3600)
-
-
-@dataclass(frozen=True)
-class Row:
-    setup: str
-    metric: str
-    simulated: float
-    published: float
-
-    @property
-    def ratio(self) -> float:
-        return self.simulated / self.published
-
-
-@dataclass(frozen=True)
-class ThroughputSetup:
-    model: str
-    tp: int
-    batch: int
-    requests_per_s: float
-    output_tokens_per_s: float
-    total_tokens_per_s: float
-    ttft_s: float | None
-
-    # The mean lengths follow from the published row: (total - output tok/s) / req/s and output tok/s / req/s.
-    @property
-    def mean_prompt_tokens(self) -> float:
-        return (self.total_tokens_per_s - self.output_tokens_per_s) / self.requests_per_s
-
-    @property
-    def mean_output_tokens(self) -> float:
-        return self.output_tokens_per_s / self.requests_per_s
-
-
-THROUGHPUT = (
-    ThroughputSetup("llama-2-7b", 1, 256, 14.556, 3387, 6981, 0.526),
-    ThroughputSetup("internlm-20b", 2, 128, 10.291, 2053, 4345, None),
-)
-# (batch, prompt tokens, output tokens, published output tokens/s), Llama-2-7B TP1
-STATIC = (
-    (1, 1, 128, 100.0), (16, 1, 128, 1504.7), (32, 1, 128, 2136.7), (64, 1, 128, 4154.8), (64, 2048, 2048, 755.65),
-)
 
 
 def free_port() -> int:
@@ -124,101 +69,9 @@ async def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("engine did not become healthy")
 
 
-def sample_lengths(rng: random.Random, prompt_mean: float, output_mean: float, count: int) -> list[tuple[int, int]]:
-    """(prompt, output) token pairs: independent log-normals of the given means, filtered like ShareGPT."""
-    mu_prompt = math.log(prompt_mean) - LENGTH_SIGMA**2 / 2
-    mu_output = math.log(output_mean) - LENGTH_SIGMA**2 / 2
-    pairs: list[tuple[int, int]] = []
-    while len(pairs) < count:
-        prompt = round(rng.lognormvariate(mu_prompt, LENGTH_SIGMA))
-        output = round(rng.lognormvariate(mu_output, LENGTH_SIGMA))
-        if min(prompt, output) >= MIN_TOKENS and prompt <= MAX_PROMPT_TOKENS and prompt + output <= MAX_SEQUENCE_TOKENS:
-            pairs.append((prompt, output))
-    return pairs
-
-
-async def _complete(session: aiohttp.ClientSession, url: str, model: str, prompt_tokens: int, output: int) -> dict:
-    # /v1/completions counts one BOS token plus ceil(len/4) for the text (see gateway.engines.sim.text).
-    body = {"model": model, "prompt": text_for_tokens(prompt_tokens - 1), "max_tokens": output, "ignore_eos": True}
-    async with session.post(f"{url}/v1/completions", json=body) as response:
-        payload = await response.json()
-        if response.status != 200:
-            raise RuntimeError(f"engine answered {response.status}: {payload}")
-        return payload["usage"]
-
-
-async def _stats(session: aiohttp.ClientSession, url: str) -> dict:
+async def _stats(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with session.get(f"{url}/sim/stats") as response:
-        return await response.json()
-
-
-async def _histogram_mean(session: aiohttp.ClientSession, url: str, name: str) -> tuple[float, float]:
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    total = float(re.search(rf"^{re.escape(name)}_sum\{{.*\}} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    count = float(re.search(rf"^{re.escape(name)}_count\{{.*\}} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    return total, count
-
-
-async def run_throughput(setup: ThroughputSetup, url: str, requests: int) -> list[Row]:
-    jobs = iter(sample_lengths(random.Random(SEED), setup.mean_prompt_tokens, setup.mean_output_tokens, requests))
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    connector = aiohttp.TCPConnector(limit=setup.batch)
-    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
-
-        async def client() -> None:
-            for prompt, output in jobs:
-                result = await _complete(session, url, setup.model, prompt, output)
-                usage["prompt_tokens"] += result["prompt_tokens"]
-                usage["completion_tokens"] += result["completion_tokens"]
-
-        before = await _stats(session, url)
-        await asyncio.gather(*(client() for _ in range(setup.batch)))
-        after = await _stats(session, url)
-        ttft_sum, ttft_count = await _histogram_mean(session, url, "lmdeploy:time_to_first_token_seconds")
-    elapsed_s = after["busy_s"] - before["busy_s"]
-    name = f"{setup.model} TP{setup.tp} batch {setup.batch}, {requests} requests"
-    rows = [
-        Row(name, "requests/s", requests / elapsed_s, setup.requests_per_s),
-        Row(name, "output tokens/s", usage["completion_tokens"] / elapsed_s, setup.output_tokens_per_s),
-        Row(name, "total tokens/s", (usage["prompt_tokens"] + usage["completion_tokens"]) / elapsed_s,
-            setup.total_tokens_per_s),
-    ]
-    if setup.ttft_s is not None:
-        rows.append(Row(name, "first-token latency, mean (s)", ttft_sum / ttft_count, setup.ttft_s))
-    return rows
-
-
-async def run_static(url: str, batch: int, prompt: int, output: int, published: float) -> Row:
-    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=batch)) as session:
-        before = await _stats(session, url)
-        usages = await asyncio.gather(*(_complete(session, url, "llama-2-7b", prompt, output) for _ in range(batch)))
-        after = await _stats(session, url)
-    tokens = sum(u["completion_tokens"] for u in usages)
-    elapsed_s = after["busy_s"] - before["busy_s"]
-    return Row(f"llama-2-7b TP1 static, in {prompt} / out {output}, batch {batch}", "output tokens/s",
-               tokens / elapsed_s, published)
-
-
-def calibrate(time_scale: float, requests: int) -> list[Row]:
-    rows: list[Row] = []
-    for setup in THROUGHPUT:
-        batch_flag = ("--max-batch-size", str(setup.batch))
-        with engine(setup.model, setup.tp, time_scale=time_scale, extra=batch_flag) as (url, _):
-            rows += asyncio.run(run_throughput(setup, url, requests))
-    for batch, prompt, output, published in STATIC:
-        # Short runs at a lower scale keep the event loop's timer granularity out of the figure.
-        scale = time_scale if output > 1000 else min(time_scale, 2.0)
-        with engine("llama-2-7b", 1, time_scale=scale, extra=("--max-batch-size", str(batch))) as (url, _):
-            rows.append(asyncio.run(run_static(url, batch, prompt, output, published)))
-    return rows
-
-
-def format_rows(rows: list[Row]) -> str:
-    lines = ["| setup | figure | simulated | published | ratio |", "|---|---|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row.setup} | {row.metric} | {row.simulated:,.3f} | {row.published:,.3f} | {row.ratio:.2f} |")
-    return "\n".join(lines)
+        return dict(await response.json())
 
 
 async def _stream_forever(session: aiohttp.ClientSession, url: str, stop: asyncio.Event, counts: list[int]) -> None:
@@ -270,8 +123,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-scale", type=float, default=10.0, help="engine time scale (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=3000, help="requests per throughput setup (default: 3000)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the ShareGPT-like lengths")
     parser.add_argument("--cpu", action="store_true", help="measure CPU use of one engine serving 256 streams")
     parser.add_argument("--window", type=float, default=20.0, help="CPU measurement window in seconds")
     args = parser.parse_args()
@@ -279,12 +131,8 @@ def main() -> int:
         with engine("llama-2-7b", 1, time_scale=1.0, extra=("--max-batch-size", "256")) as (url, pid):
             print(asyncio.run(measure_cpu(url, pid, streams=256, window_s=args.window)))
         return 0
-    rows = calibrate(args.time_scale, args.requests)
-    print(format_rows(rows))
-    outside = [row for row in rows if not 0.8 <= row.ratio <= 1.2]
-    for row in outside:
-        print(f"outside ±20 %: {row.setup}: {row.metric} ratio {row.ratio:.2f}", file=sys.stderr)
-    return 1 if outside else 0
+    print(format_table(check(FITTING, seed=args.seed)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Workload profiles: the load that defines a workload class, as data (YAML), validated where it enters.
 
 A profile says how many users send requests and when (closed loop with think time, or open loop at a request
-rate), how long prompts and outputs are (fixed, uniform or log-normal token counts), how requests are sent
-(chat or completions, streaming or not, which workload class), and how the run is bounded (duration, warm-up,
-request cap). Shipped profiles live in ``loadtests/profiles/<name>.yaml``; any other YAML file with the same
-fields works too.
+rate), how long prompts and outputs are (fixed, uniform or log-normal token counts, optionally with a cap on
+prompt plus output), how requests are sent (chat or completions, streaming or not, which workload class), and
+how the run is bounded (duration, warm-up, request cap). Shipped profiles live in
+``loadtests/profiles/<name>.yaml``; any other YAML file with the same fields works too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from gateway.yamlfile import YamlFileError, read_yaml_mapping
 from loadtests.errors import LoadTestInputError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+# A redrawing distribution or length cap must accept at least this share of draws (else sampling would crawl).
+MIN_ACCEPTED_SHARE = 0.01
 
 
 class _Strict(BaseModel):
@@ -34,6 +36,9 @@ class Fixed(_Strict):
 
     def sample(self, rng: random.Random) -> float:
         return self.value
+
+    def probability_at_most(self, x: float) -> float:
+        return 1.0 if self.value <= x else 0.0
 
     @property
     def low_bound(self) -> float:
@@ -60,6 +65,11 @@ class Uniform(_Strict):
     def sample(self, rng: random.Random) -> float:
         return rng.uniform(self.low, self.high)
 
+    def probability_at_most(self, x: float) -> float:
+        if self.high == self.low:
+            return 1.0 if self.low <= x else 0.0
+        return min(1.0, max(0.0, (x - self.low) / (self.high - self.low)))
+
     @property
     def low_bound(self) -> float:
         return self.low
@@ -72,8 +82,10 @@ class Uniform(_Strict):
 class LogNormal(_Strict):
     """Log-normal with the given arithmetic ``mean``; ``sigma`` is the spread (standard deviation of the log).
 
-    Long-tailed like real prompt and output lengths (ShareGPT). Samples outside ``[low, high]`` are clipped,
-    which moves the realised mean slightly when the bounds cut into the tail.
+    Long-tailed like real prompt and output lengths (ShareGPT). ``mean`` is the mean before ``[low, high]``
+    applies. Samples outside the bounds are clipped to them (``truncate: clip``, the default), which piles the
+    tail up on the bound, or drawn again (``truncate: redraw``), which removes the tail as a benchmark's length
+    filter does; either moves the realised mean when the bounds cut into the distribution.
     """
 
     kind: Literal["lognormal"]
@@ -81,18 +93,56 @@ class LogNormal(_Strict):
     sigma: float = Field(gt=0, le=3)
     low: float = Field(default=0, ge=0)
     high: float | None = Field(default=None, gt=0)
+    truncate: Literal["clip", "redraw"] = "clip"
 
     @model_validator(mode="after")
     def _bounds_around_mean(self) -> LogNormal:
         high = math.inf if self.high is None else self.high
         if not self.low <= self.mean <= high:
             raise ValueError(f"lognormal: mean ({self.mean:g}) must lie within low ({self.low:g}) and high ({high:g})")
+        if self.truncate == "redraw" and self._untruncated_mass() < MIN_ACCEPTED_SHARE:
+            raise ValueError(
+                f"lognormal: fewer than {MIN_ACCEPTED_SHARE:.0%} of the draws fall within low ({self.low:g}) and "
+                f"high ({high:g}); redrawing would never end"
+            )
         return self
 
+    @property
+    def mu(self) -> float:
+        """The mean of the underlying normal, so that E[X] = ``mean`` before truncation."""
+        return math.log(self.mean) - self.sigma**2 / 2
+
     def sample(self, rng: random.Random) -> float:
-        mu = math.log(self.mean) - self.sigma**2 / 2  # so that E[X] = mean
-        value = max(self.low, rng.lognormvariate(mu, self.sigma))
-        return value if self.high is None else min(self.high, value)
+        high = math.inf if self.high is None else self.high
+        value = rng.lognormvariate(self.mu, self.sigma)
+        if self.truncate == "redraw":
+            while not self.low <= value <= high:
+                value = rng.lognormvariate(self.mu, self.sigma)
+            return value
+        return min(high, max(self.low, value))
+
+    def probability_at_most(self, x: float) -> float:
+        high = math.inf if self.high is None else self.high
+        if x >= high:
+            return 1.0
+        if x < self.low:
+            return 0.0
+        below_x = self._cdf(x)
+        if self.truncate == "clip":
+            return below_x
+        low_mass = self._cdf(self.low)
+        return (below_x - low_mass) / self._untruncated_mass()
+
+    def _cdf(self, x: float) -> float:
+        """P(X <= x) of the untruncated log-normal."""
+        if x <= 0:
+            return 0.0
+        return 0.5 * (1 + math.erf((math.log(x) - self.mu) / (self.sigma * math.sqrt(2))))
+
+    def _untruncated_mass(self) -> float:
+        """P(low <= X <= high) of the untruncated log-normal."""
+        high = 1.0 if self.high is None else self._cdf(self.high)
+        return high - self._cdf(self.low)
 
     @property
     def low_bound(self) -> float:
@@ -146,6 +196,8 @@ class Profile(_Strict):
     arrival: ClosedLoop | OpenLoop = Field(discriminator="kind")
     prompt_tokens: Distribution
     output_tokens: Distribution
+    max_total_tokens: int | None = Field(
+        default=None, ge=2, description="prompt plus output tokens at most; pairs above are drawn again")
     stream: bool = True
     api: Literal["chat", "completions"] = "chat"
     workload_class: WorkloadClass | None = None
@@ -163,6 +215,15 @@ class Profile(_Strict):
             distribution = getattr(self, field)
             if distribution.low_bound < 1 and not isinstance(distribution, LogNormal):
                 raise ValueError(f"{field}: token counts must be at least 1 (got {distribution.low_bound:g})")
+        if self.max_total_tokens is not None:
+            # Both halves below half the cap is a lower bound on the share of pairs the cap accepts.
+            half = self.max_total_tokens / 2
+            accepted = self.prompt_tokens.probability_at_most(half) * self.output_tokens.probability_at_most(half)
+            if accepted < MIN_ACCEPTED_SHARE:
+                raise ValueError(
+                    f"max_total_tokens: {self.max_total_tokens} rejects nearly every prompt and output pair "
+                    "(redrawing would never end)"
+                )
         return self
 
     @property
@@ -174,6 +235,17 @@ class Profile(_Strict):
     def run_time_s(self) -> float:
         """Warm-up plus the measured window: how long users keep sending requests."""
         return self.warmup_s + self.duration_s
+
+
+def sample_lengths(profile: Profile, rng: random.Random) -> tuple[int, int]:
+    """One request's (prompt, output) token counts: each drawn from its distribution, the pair drawn again
+    while it exceeds ``max_total_tokens`` (a benchmark's length filter, e.g. LMDeploy's and vLLM's ShareGPT
+    sampling: prompt + output at most 2,048)."""
+    while True:
+        prompt = sample_count(profile.prompt_tokens, rng)
+        output = sample_count(profile.output_tokens, rng)
+        if profile.max_total_tokens is None or prompt + output <= profile.max_total_tokens:
+            return prompt, output
 
 
 def shipped_profiles() -> list[str]:

@@ -8,24 +8,28 @@ Pure code (no I/O). Two users:
   configuration, to rank candidates before measuring them.
 
 One step of the engine runs every decoder layer once over a fused batch of decode tokens and prefill-chunk
-tokens. Its time on each of the ``tp`` GPUs is the sum of
+tokens, as a sequence of kernels of two kinds. On each of the ``tp`` GPUs:
 
-- *memory*: the weights (÷ TP) read once, plus the KV cache read by attention and written for new tokens,
-  over ``HBM_EFFICIENCY`` times the GPU's HBM bandwidth;
-- *compute*: 2 FLOPs per parameter per token (÷ TP) plus attention's 4·d·context FLOPs per token and layer,
-  over ``COMPUTE_EFFICIENCY`` times the GPU's peak dense bf16 rate;
+- *GEMMs* (the projections, the MLP, the LM head) read the weights (÷ TP) once and do 2 FLOPs per parameter
+  per token;
+- *attention* reads the KV cache of every token attended to (and writes the new tokens') and does
+  4·d·context FLOPs per token and layer.
+
+Each kind is bounded by the roofline: its bytes over ``HBM_EFFICIENCY`` times the HBM bandwidth, and its FLOPs
+over ``COMPUTE_EFFICIENCY`` times the peak dense bf16 rate. A kernel streams its operands while it computes,
+so the two overlap; but they overlap fully only far from the ridge point (a decode GEMM of a few sequences is
+all memory, a large prefill all math), and hardly near it, where neither the loads nor the math keep the
+kernel busy alone. The time of a kind is the power mean ``(memory^p + math^p)^(1/p)`` with
+``p = KERNEL_OVERLAP_EXPONENT``: the sum at p = 1 (no overlap), the ideal roofline ``max`` as p grows, about
+0.79 of the sum where both are equal at p = 1.5. To these add
+
 - *communication*: two all-reduces of the step's activations per layer (after attention and after the MLP),
   ring algorithm over NVLink or PCIe, plus a per-hop latency — zero at TP 1, growing with TP, so TP scales
   sub-linearly, and much worse over PCIe;
 - *overhead*: a fixed cost per step (scheduling, sampling, kernel launches).
 
-Memory and compute are added rather than overlapped (``max``): at decode batch sizes the GEMMs neither
-stream weights at full bandwidth nor run at peak rate, and the additive form reproduces LMDeploy's published
-static-batch curve (see ``docs/simulator.md``) where ``max`` overestimates batch-64 throughput by a third.
-
-Every constant below is calibrated against LMDeploy's published A100 figures; ``docs/simulator.md`` has the
-table and where each number comes from. A :class:`Deviation` makes the *engine* depart from this model on
-purpose; :func:`predict` never takes one.
+Every constant below comes with its source in ``docs/simulator.md``. A :class:`Deviation` makes the *engine*
+depart from this model on purpose; :func:`predict` never takes one.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ from gateway.planner.knobs import DEFAULT_KNOBS, EngineKnobs
 from gateway.planner.model import ModelSpec
 from gateway.planner.tp import evaluate_tp, kv_cache_bytes_per_token_per_gpu
 
-# Share of peak HBM bandwidth that decode kernels reach. Fitted to the batch-1 figure (about 100 tokens/s
-# for Llama-2-7B on an A100: 13.2 GB of weights per token) together with STEP_OVERHEAD_S.
+# Share of peak HBM bandwidth that decode kernels reach. From the batch-1 figure (about 100 tokens/s for
+# Llama-2-7B on an A100: 13.2 GB of weights per token) together with STEP_OVERHEAD_S.
 HBM_EFFICIENCY = 0.80
-# Share of peak dense bf16 FLOP/s reached by GEMMs and attention (prefill and decode alike). Fitted to the
-# slope of the static-batch curve (batch 16 -> 64) and consistent with the 55-65 % MFU usual for prefill.
+# Share of peak dense bf16 FLOP/s reached by GEMMs and attention (prefill and decode alike). From one
+# 2,048-token prefill of Llama-2-7B on an A100 (139 ms published: 2.8e13 FLOPs at 0.65 x 312 TFLOP/s is 136 ms).
 COMPUTE_EFFICIENCY = 0.65
+# How far a kernel overlaps its memory traffic with its math: its time is the power mean of the two with this
+# exponent (1: no overlap, the sum; large: the ideal roofline's max). See the module docstring.
+KERNEL_OVERLAP_EXPONENT = 1.5
 # Fixed cost of one engine step: scheduling, sampling, detokenisation, kernel launches (batch-1 residual).
 STEP_OVERHEAD_S = 2.0e-3
 # Share of the link bandwidth a ring all-reduce reaches (NCCL bus bandwidth over the raw figure).
@@ -147,19 +154,36 @@ class StepBatch:
         return self.decode_sequences + self.prefill_tokens
 
 
+def overlapped_s(memory_s: float, math_s: float) -> float:
+    """Time of kernels that need ``memory_s`` of HBM traffic and ``math_s`` of math, which they partly overlap
+    (the power mean with ``KERNEL_OVERLAP_EXPONENT``)."""
+    p = KERNEL_OVERLAP_EXPONENT
+    return float((memory_s**p + math_s**p) ** (1 / p))
+
+
 @dataclass(frozen=True)
 class StepCost:
-    """One step's time split into its parts, in seconds (the sum is :attr:`total_s`)."""
+    """One step's time by part, in seconds: each kernel kind's memory and math time (which overlap, see
+    :func:`overlapped_s`), then communication and overhead. :attr:`total_s` is the step's time."""
 
-    memory_s: float
-    decode_compute_s: float
-    prefill_compute_s: float
+    weights_s: float  # GEMMs: reading the weights
+    gemm_math_s: float  # GEMMs: their FLOPs
+    kv_s: float  # attention: reading and writing the KV cache
+    attention_math_s: float  # attention: its FLOPs
     allreduce_s: float
     overhead_s: float
 
     @property
+    def gemm_s(self) -> float:
+        return overlapped_s(self.weights_s, self.gemm_math_s)
+
+    @property
+    def attention_s(self) -> float:
+        return overlapped_s(self.kv_s, self.attention_math_s)
+
+    @property
     def total_s(self) -> float:
-        return self.memory_s + self.decode_compute_s + self.prefill_compute_s + self.allreduce_s + self.overhead_s
+        return self.gemm_s + self.attention_s + self.allreduce_s + self.overhead_s
 
 
 class StepCostModel:
@@ -209,21 +233,23 @@ class StepCostModel:
         return transfer + self._ring_hops * self._hop_latency_s
 
     def cost(self, batch: StepBatch) -> StepCost:
-        """The time of one step, by part. An empty step costs nothing."""
+        """The time of one step, by part. An empty step costs nothing. Deviation factors scale decode work
+        (weights, KV cache, decode FLOPs) and prefill FLOPs separately, before they overlap."""
         if batch.tokens <= 0:
-            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
-        kv_tokens = batch.decode_context_tokens + batch.prefill_context_tokens + batch.tokens
-        kv_bytes = kv_tokens * self._kv_bytes_per_token
-        memory_s = (self._weight_bytes + kv_bytes) / self._bandwidth
-        decode_flops = batch.decode_sequences * (self._dense_flops_per_token + self._lm_head_flops)
-        decode_flops += batch.decode_context_tokens * self._attention_flops_per_pair
-        prefill_flops = batch.prefill_tokens * self._dense_flops_per_token
-        prefill_flops += batch.prefill_attention_pairs * self._attention_flops_per_pair
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         deviation = self.deviation
+        decode_factor, prefill_factor = self._decode_factor, deviation.prefill_efficiency_factor
+        kv_tokens = batch.decode_context_tokens + batch.prefill_context_tokens + batch.tokens
+        decode_gemm_flops = batch.decode_sequences * (self._dense_flops_per_token + self._lm_head_flops)
+        prefill_gemm_flops = batch.prefill_tokens * self._dense_flops_per_token
+        decode_attention_flops = batch.decode_context_tokens * self._attention_flops_per_pair
+        prefill_attention_flops = batch.prefill_attention_pairs * self._attention_flops_per_pair
         return StepCost(
-            memory_s=memory_s / self._decode_factor,
-            decode_compute_s=decode_flops / self._flops / self._decode_factor,
-            prefill_compute_s=prefill_flops / self._flops / deviation.prefill_efficiency_factor,
+            weights_s=self._weight_bytes / self._bandwidth / decode_factor,
+            gemm_math_s=(decode_gemm_flops / decode_factor + prefill_gemm_flops / prefill_factor) / self._flops,
+            kv_s=kv_tokens * self._kv_bytes_per_token / self._bandwidth / decode_factor,
+            attention_math_s=(decode_attention_flops / decode_factor + prefill_attention_flops / prefill_factor)
+            / self._flops,
             allreduce_s=self._allreduces_per_step * self.allreduce_s(batch.tokens) * deviation.allreduce_factor,
             overhead_s=self._overhead_s,
         )
@@ -270,10 +296,14 @@ def predict(
 ) -> Prediction:
     """Analytical steady state of continuous batching for ``workload`` on one replica at ``tp``.
 
-    The running batch is the smallest of the concurrency, ``max_batch_size`` and the sequences the KV cache
-    holds at their mean occupancy (prompt plus half the output). Each step decodes one token for every
-    running sequence and prefills the prompts of the requests that replace finished ones. Clients beyond the
-    batch wait (Little's law gives the wait). Raises UserError when the planner rejects ``tp``.
+    The same rules as the simulated engine's scheduler (TurboMind's), at their means: the running batch is the
+    smallest of the concurrency, ``max_batch_size`` and the sequences the KV cache holds at their mean
+    occupancy (prompt plus half the output, plus half a block). Each step decodes one token for every running
+    sequence and prefills the prompts of the requests that replace finished ones; a prompt longer than what
+    the step's forward budget leaves (``max_prefill_token_num + max_batch_size`` less the decode tokens, cut
+    to a block boundary) takes several steps. A closed-loop client's next request arrives just after a step
+    began, so it waits about one step before its prefill runs. Clients beyond the batch wait (Little's law
+    gives the wait). Raises UserError when the planner rejects ``tp``.
     """
     verdict = evaluate_tp(model, gpu, tp, gpus=tp, gpus_per_node=tp, knobs=knobs)
     if not verdict.feasible:
@@ -281,9 +311,10 @@ def predict(
     cost = StepCostModel(model, gpu, tp, quant_policy=knobs.quant_policy)
     prompt, output = workload.mean_prompt_tokens, workload.mean_output_tokens
     mean_context = prompt + output / 2
+    max_batch_size = knobs.batch_size_on(gpu)
     limits = {
         "concurrency": workload.concurrency,
-        "max_batch_size": knobs.batch_size_on(gpu),
+        "max_batch_size": max_batch_size,
         "kv_cache": max(1, int(verdict.kv_cache_tokens_per_replica // (mean_context + KV_BLOCK_TOKENS / 2))),
     }
     batch_limit = min(limits, key=lambda name: limits[name])
@@ -303,13 +334,13 @@ def predict(
     # Steady state: batch/output requests finish per step, and as many new prompts are prefilled.
     tpot_s = step(batch, batch * prompt / output)
     requests_per_s = batch / (output * tpot_s)
-    chunk = knobs.max_prefill_token_num
+    forward_budget = knobs.max_prefill_token_num + max_batch_size - (batch - 1)
+    chunk = max(KV_BLOCK_TOKENS, forward_budget // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS)
     chunks = math.ceil(prompt / chunk)
     prefill_s = sum(
         step(batch - 1, min(chunk, prompt - i * chunk), prefill_context=i * chunk) for i in range(chunks)
     )
-    # A request arriving mid-step waits on average half a step before its first chunk runs.
-    service_ttft_s = prefill_s + (tpot_s / 2 if batch > 1 else 0.0)
+    service_ttft_s = prefill_s + (tpot_s if batch > 1 else 0.0)
     service_e2e_s = service_ttft_s + (output - 1) * tpot_s
     queue_s = max(0.0, workload.concurrency / requests_per_s - service_e2e_s) if workload.concurrency > batch else 0.0
     return Prediction(

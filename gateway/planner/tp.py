@@ -12,7 +12,9 @@ A TP that is not a power of two is a warning only: LMDeploy's help text asks for
 Runtime reserve: each GPU keeps ``RUNTIME_RESERVE_GIB`` outside weights and KV cache for the CUDA
 context (~0.5 GiB), NCCL buffers (~0.5 GiB with TP > 1), cuBLAS workspaces and the activations of one
 ``max_prefill_token_num`` chunk (the rest). LMDeploy's ``cache_max_entry_count`` then takes its share of
-what is left, as LMDeploy 0.18 does ("share of free memory after weights").
+what is left, as LMDeploy 0.18 does: TurboMind creates its model (weights and activation buffers) first, then
+sizes the cache as ``cache_max_entry_count`` x the free memory it finds (the smallest over the TP ranks),
+in blocks of ``cache_block_seq_len`` tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from gateway.planner.model import ModelSpec, kv_element_bytes
 
 GIB = 1024**3
 RUNTIME_RESERVE_GIB = 3.0
+# A quantised KV cache keeps a 16-bit scale and a 16-bit zero point per token, head, and K or V
+# (TurboMind's ``kernels/attention/block.h``: ``token_param_size`` is 2 x 16 bits when quantised).
+KV_QUANT_PARAM_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,11 @@ def weights_per_gpu_bytes(model: ModelSpec, tp: int) -> int:
 
 
 def kv_cache_bytes_per_token_per_gpu(model: ModelSpec, tp: int, quant_policy: int) -> float:
-    return 2 * model.num_layers * model.kv_heads_per_gpu(tp) * model.head_dim * kv_element_bytes(quant_policy)
+    """KV-cache bytes one token takes on each GPU: K and V of every layer and local KV head, and with a
+    quantised cache (``quant_policy`` 4 or 8) TurboMind's scale and zero point per token, head, K and V
+    (``KV_QUANT_PARAM_BYTES``)."""
+    per_head = model.head_dim * kv_element_bytes(quant_policy) + (KV_QUANT_PARAM_BYTES if quant_policy else 0)
+    return 2 * model.num_layers * model.kv_heads_per_gpu(tp) * per_head
 
 
 def evaluate_tp(

@@ -360,6 +360,21 @@ async def test_metrics_are_in_simulated_seconds(sim: str):
     assert real_s < simulated_s
 
 
+async def test_the_engine_reports_how_fast_its_clock_really_ran(sim: str):
+    await post(sim, "/v1/completions", {"model": SERVED, "prompt": "abcd", "max_tokens": 20, "ignore_eos": True})
+    async with aiohttp.ClientSession() as session, session.get(f"{sim}/sim/stats") as response:
+        stats = await response.json()
+    # Time scale 50 on a shared machine: never faster than 50, and a loaded machine shows as less.
+    assert 0 < stats["clock_rate_ratio"] <= 50.5
+    assert 0 < stats["clock_rate_recent_ratio"] <= 50.5
+    assert stats["clock_rate_ratio"] == pytest.approx(stats["simulated_time_s"] / stats["wall_time_s"], rel=0.05)
+    assert stats["kv_cache_block_tokens"] == 64 and stats["queued"] == 0
+    text = await scrape(sim)
+    assert gauge(text, "tpgate_sim_time_seconds_total") > 0
+    life = re.search(r'^tpgate_sim_clock_rate_ratio\{[^}]*window="life"[^}]*\} (\S+)$', text, re.M)
+    assert life and 0 < float(life.group(1)) <= 50.5
+
+
 # --- shutdown ----------------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,11 @@
+import math
 import random
 import statistics
 
 import pytest
 
 from loadtests import LoadTestInputError, Profile, load_profile, shipped_profiles, with_overrides
-from loadtests.profile import ClosedLoop, LogNormal, OpenLoop, sample_count, validate_profile
+from loadtests.profile import ClosedLoop, LogNormal, OpenLoop, sample_count, sample_lengths, validate_profile
 
 MINIMAL = {
     "name": "t",
@@ -28,8 +29,6 @@ def test_ships_the_four_profiles_of_the_issue():
     assert batch.workload_class.name == "batch"
     assert (long_context.users, long_context.prompt_tokens.mean_value, long_context.output_tokens.mean_value) == (
         8, 8000, 200)
-    # the length means of LMDeploy's ShareGPT benchmark (shared/reference/lmdeploy-benchmarks.md)
-    assert (sharegpt.prompt_tokens.mean_value, sharegpt.output_tokens.mean_value) == (247, 233)
     assert isinstance(sharegpt.prompt_tokens, LogNormal) and isinstance(sharegpt.arrival, OpenLoop)
     for name in shipped_profiles():
         profile = load_profile(name)
@@ -129,3 +128,66 @@ def test_token_counts_are_at_least_one():
 def test_profile_model_round_trips_through_json():
     profile = load_profile("sharegpt-like")
     assert Profile.model_validate(profile.model_dump(mode="json")) == profile
+
+
+def test_sharegpt_like_has_the_benchmark_filter_and_lmdeploys_means_after_it():
+    profile = load_profile("sharegpt-like")
+    rng = random.Random(3)
+    pairs = [sample_lengths(profile, rng) for _ in range(30_000)]
+    prompts, outputs = [p for p, _ in pairs], [o for _, o in pairs]
+    # LMDeploy's (and vLLM's) ShareGPT filter: both sides at least 4, prompt at most 1,024, sum at most 2,048.
+    assert min(prompts) >= 4 and min(outputs) >= 4
+    assert max(prompts) <= 1024 and max(p + o for p, o in pairs) <= 2048
+    # The means after the filter are those of LMDeploy's published Llama-2 rows: 246.9 and 232.7 tokens.
+    assert statistics.fmean(prompts) == pytest.approx(246.9, rel=0.03)
+    assert statistics.fmean(outputs) == pytest.approx(232.7, rel=0.03)
+    # Heavy-tailed: a log-normal spread near 1 (not 0.4), the median well below the mean, a long tail.
+    assert statistics.pstdev(math.log(p) for p in prompts) > 0.8
+    assert statistics.pstdev(math.log(o) for o in outputs) > 0.8
+    assert statistics.median(outputs) < 0.7 * statistics.fmean(outputs)
+    assert sum(o > 1000 for o in outputs) > 0.01 * len(outputs)
+
+
+def test_redraw_drops_the_tail_where_clip_piles_it_on_the_bound():
+    clip = LogNormal(kind="lognormal", mean=300, sigma=1.0, low=4, high=1024)
+    redraw = clip.model_copy(update={"truncate": "redraw"})
+    rng = random.Random(5)
+    clipped = [sample_count(clip, rng) for _ in range(20_000)]
+    redrawn = [sample_count(redraw, rng) for _ in range(20_000)]
+    assert clipped.count(1024) > 300  # about 3 % of the draws land on the bound
+    assert redrawn.count(1024) < 20
+    assert max(redrawn) <= 1024 and min(redrawn) >= 4
+    assert statistics.fmean(redrawn) < statistics.fmean(clipped)
+
+
+def test_probability_at_most_matches_the_sampled_share():
+    rng = random.Random(9)
+    for distribution in (
+        LogNormal(kind="lognormal", mean=300, sigma=1.0, low=4, high=1024, truncate="redraw"),
+        LogNormal(kind="lognormal", mean=300, sigma=1.0, low=4, high=1024),
+    ):
+        samples = [distribution.sample(rng) for _ in range(20_000)]
+        for x in (50.0, 200.0, 800.0):
+            share = sum(v <= x for v in samples) / len(samples)
+            assert distribution.probability_at_most(x) == pytest.approx(share, abs=0.015)
+        assert distribution.probability_at_most(1024) == 1.0
+        assert distribution.probability_at_most(3) == 0.0
+
+
+def test_max_total_tokens_redraws_pairs_and_is_validated():
+    data = {**MINIMAL, "prompt_tokens": {"kind": "uniform", "low": 10, "high": 100},
+            "output_tokens": {"kind": "uniform", "low": 10, "high": 100}, "max_total_tokens": 120}
+    profile = validate_profile(data)
+    rng = random.Random(2)
+    pairs = [sample_lengths(profile, rng) for _ in range(5000)]
+    assert max(p + o for p, o in pairs) <= 120
+    assert max(p for p, _ in pairs) > 95  # long prompts still come, with short outputs
+    # Without a cap, a pair is just one draw of each, in order (what the load generator has always sent).
+    without_cap, same = validate_profile(data | {"max_total_tokens": None}), random.Random(4)
+    expected = (sample_count(without_cap.prompt_tokens, same), sample_count(without_cap.output_tokens, same))
+    assert sample_lengths(without_cap, random.Random(4)) == expected
+    with pytest.raises(LoadTestInputError, match="max_total_tokens: 30 rejects nearly every"):
+        validate_profile({**data, "max_total_tokens": 30})
+    with pytest.raises(LoadTestInputError, match="fewer than 1% of the draws"):
+        validate_profile({**MINIMAL, "prompt_tokens": {"kind": "lognormal", "mean": 99.95, "sigma": 0.1,
+                                                       "low": 99.9, "high": 100, "truncate": "redraw"}})

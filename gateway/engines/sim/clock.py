@@ -7,13 +7,18 @@ short steps; simulated time then runs a little slower than ``time_scale`` x real
 stay as the model says in simulated seconds. (If a request read the clock during the overrun, the anchor is
 that later reading instead: simulated time never runs backwards.) Seen from outside, latencies are at least
 the simulated ones divided by ``time_scale``.
+
+:class:`ClockRateMeter` measures how fast simulated time really ran (simulated seconds per wall second), over
+the engine's life and over a recent window, so that a busy machine shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -76,3 +81,61 @@ class ManualClock:
     async def sleep_until(self, deadline_s: float) -> None:
         await asyncio.sleep(0)
         self._now_s = max(self._now_s, deadline_s)
+
+
+@dataclass(frozen=True)
+class ClockRates:
+    """How fast a clock ran: simulated seconds per wall second, over its life and over a recent window."""
+
+    simulated_s: float  # simulated seconds since the meter started
+    wall_s: float  # wall-clock seconds since the meter started
+    life_ratio: float  # simulated_s / wall_s (0 before any wall time passed)
+    recent_ratio: float  # the same over the last ``recent_window_s`` wall seconds
+    recent_window_s: float
+
+
+class ClockRateMeter:
+    """Samples a :class:`Clock` against the wall clock and reports its effective rate.
+
+    ``sample()`` is cheap (the scheduler calls it after every step); samples closer than a fiftieth of the
+    window are skipped, so the memory used is bounded whatever the step rate. ``rates()`` reads both clocks
+    now, so an idle stretch without samples still counts.
+    """
+
+    def __init__(
+        self, clock: Clock, *, window_s: float = 10.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be positive, not {window_s}")
+        self._clock = clock
+        self._monotonic = monotonic
+        self.window_s = window_s
+        self._start = (monotonic(), clock.now_s())
+        self._samples: deque[tuple[float, float]] = deque([self._start])
+
+    def sample(self) -> None:
+        wall_s = self._monotonic()
+        if wall_s - self._samples[-1][0] >= self.window_s / 50:
+            self._samples.append((wall_s, self._clock.now_s()))
+            while len(self._samples) > 2 and self._samples[1][0] <= wall_s - self.window_s:
+                self._samples.popleft()  # keep one sample at or before the window's start as its anchor
+
+    def rates(self) -> ClockRates:
+        wall_s, sim_s = self._monotonic(), self._clock.now_s()
+        start_wall_s, start_sim_s = self._start
+        anchor_wall_s, anchor_sim_s = self._samples[0]
+        for sample_wall_s, sample_sim_s in self._samples:
+            if sample_wall_s > wall_s - self.window_s:
+                break
+            anchor_wall_s, anchor_sim_s = sample_wall_s, sample_sim_s
+        return ClockRates(
+            simulated_s=sim_s - start_sim_s,
+            wall_s=wall_s - start_wall_s,
+            life_ratio=_ratio(sim_s - start_sim_s, wall_s - start_wall_s),
+            recent_ratio=_ratio(sim_s - anchor_sim_s, wall_s - anchor_wall_s),
+            recent_window_s=wall_s - anchor_wall_s,
+        )
+
+
+def _ratio(simulated_s: float, wall_s: float) -> float:
+    return simulated_s / wall_s if wall_s > 0 else 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.engines.sim.batch import BatchLimits
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, ModelSpec, evaluate_tp, find_gpu, load_model
 from gateway.planner.perf import KV_BLOCK_TOKENS, Deviation
@@ -62,6 +63,15 @@ class SimEngineSetup:
     def kv_cache_tokens(self) -> int:
         return self.kv_cache_blocks * KV_BLOCK_TOKENS
 
+    @property
+    def limits(self) -> BatchLimits:
+        """The batch limits TurboMind derives from these settings."""
+        return BatchLimits.turbomind(
+            max_batch_size=self.max_batch_size, kv_cache_blocks=self.kv_cache_blocks,
+            max_prefill_token_num=self.knobs.max_prefill_token_num, session_len=self.session_len, tp=self.tp,
+            block_tokens=KV_BLOCK_TOKENS,
+        )
+
 
 def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = None) -> SimEngineSetup:
     """Load the model and GPU, apply the planner's TP rules (UserError with its reason when rejected)."""
@@ -72,7 +82,7 @@ def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = 
     if not verdict.feasible:
         raise UserError(f"cannot simulate {model.name} on {gpu.name}: {verdict.reason}")
     deviation = load_deviation(config.deviation_file) if config.deviation_file else Deviation()
-    return SimEngineSetup(
+    setup = SimEngineSetup(
         served_model_name=config.model_name or model.name,
         model=model,
         gpu=gpu,
@@ -84,6 +94,13 @@ def resolve(config: SimEngineConfig, *, catalog: Mapping[str, GpuSpec] | None = 
         time_scale=config.time_scale,
         deviation=deviation,
     )
+    forward_tokens = knobs.max_prefill_token_num + setup.max_batch_size
+    if forward_tokens < KV_BLOCK_TOKENS:
+        raise UserError(
+            f"cannot simulate {model.name}: max_prefill_token_num + max_batch_size ({forward_tokens}) is less than "
+            f"one KV block ({KV_BLOCK_TOKENS} tokens), so a long prompt could never be prefilled"
+        )
+    return setup
 
 
 def load_deviation(path: str | Path) -> Deviation:

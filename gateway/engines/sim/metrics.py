@@ -8,6 +8,14 @@ LMDeploy 0.18, all deliberate:
 - ``time_per_output_token_seconds`` is observed once per request (its mean gap between tokens) rather than
   once per token, which keeps 256 streams cheap; quantiles over requests are what TPOT SLOs use;
 - ``lmdeploy:backend_config_info`` carries ``simulated="true"`` and the simulated GPU, TP and time scale.
+
+The simulator's own metrics are ``tpgate_sim_...`` and never reuse an ``lmdeploy:`` name:
+
+- ``tpgate_sim_time_seconds_total`` (counter): simulated seconds elapsed, so ``rate(...[1m])`` is the clock's
+  rate (simulated seconds per wall second) over any window;
+- ``tpgate_sim_clock_rate_ratio{window="life"|"recent"}`` (gauge): that rate over the engine's life and over
+  its last few seconds, as the engine measures it; below the time scale when the machine is too busy to keep
+  up.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ REQUEST_LATENCY_BUCKETS_S = (
     1920.0, 7680.0,
 )
 ENGINE_LABEL = "0"  # LMDeploy labels its single data-parallel rank "0"
+
+SIM_TIME_SECONDS_TOTAL = "tpgate_sim_time_seconds_total"
+SIM_CLOCK_RATE_RATIO = "tpgate_sim_clock_rate_ratio"
+CLOCK_WINDOW_LABEL = "window"
 
 
 class EngineMetrics:
@@ -71,12 +83,26 @@ class EngineMetrics:
                              REQUEST_LATENCY_BUCKETS_S)
         self.queue = histogram(names.REQUEST_QUEUE_TIME_SECONDS,
                                "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS_S)
+        self.sim_time = counter(SIM_TIME_SECONDS_TOTAL, "Simulated seconds elapsed on the engine's clock.")
+        self._sim_time_reported_s = 0.0
+        clock_rate = Gauge(
+            SIM_CLOCK_RATE_RATIO, "Simulated seconds per wall-clock second, over the engine's life or recently.",
+            [*label_names, CLOCK_WINDOW_LABEL], registry=self.registry,
+        )
+        self.clock_rate_life = clock_rate.labels(**labels, window="life")
+        self.clock_rate_recent = clock_rate.labels(**labels, window="recent")
 
     def refresh(self, stats: SchedulerStats) -> None:
         """Sample the scheduler gauges (called at scrape time)."""
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.cache_usage.set(stats.cache_usage_ratio)
+        clock = stats.clock
+        if clock.simulated_s > self._sim_time_reported_s:
+            self.sim_time.inc(clock.simulated_s - self._sim_time_reported_s)
+            self._sim_time_reported_s = clock.simulated_s
+        self.clock_rate_life.set(clock.life_ratio)
+        self.clock_rate_recent.set(clock.recent_ratio)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

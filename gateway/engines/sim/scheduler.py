@@ -1,15 +1,14 @@
-"""Continuous batching as LMDeploy's TurboMind engine does it, timed by the performance model.
+"""The simulated engine's step loop: TurboMind's batch (:mod:`gateway.engines.sim.batch`) timed by the
+performance model.
 
-One asyncio task drives the engine, one step at a time. Each step
+One asyncio task drives the engine one step at a time. Each step
 
-1. grows every decoding sequence by one token, allocating KV-cache blocks as it crosses a block boundary;
-   when blocks run out, the most recently admitted sequence is preempted (its blocks freed, and it goes back
-   to the head of the queue to recompute its prompt and the tokens it already produced);
-2. gives the step's prefill budget (``max_prefill_token_num`` tokens) to sequences still prefilling, in
-   admission order, then admits waiting requests first-come first-served while the running batch is below
-   ``max_batch_size``, the budget lasts and the KV cache has blocks for the whole prompt;
-3. lasts what :class:`~gateway.planner.perf.StepCostModel` says (÷ the time scale, in real time), then hands
-   every decoding sequence one token, and a first (or next) token to every sequence whose prefill completed.
+1. asks the batch which requests run and with how many tokens (admission, KV-cache blocks, eviction and
+   chunked prefill as TurboMind decides them);
+2. lasts what :class:`~gateway.planner.perf.StepCostModel` says that work takes (÷ the time scale, in real
+   time);
+3. hands a token to every request whose whole context is now in the cache: the first token after its prompt
+   (or after recomputing what it lost to an eviction), or the next one while it decodes.
 
 No timer runs per request or per token: requests wait on their own queue (streaming) or future.
 A cancelled request leaves the queue or the batch at once and frees its blocks.
@@ -18,13 +17,12 @@ A cancelled request leaves the queue or the batch at once and frees its blocks.
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.engines.sim.clock import Clock
-from gateway.planner.perf import KV_BLOCK_TOKENS, StepBatch, StepCostModel
+from gateway.engines.sim.batch import BatchLimits, BatchSequence, StepPlan, TurboMindBatch
+from gateway.engines.sim.clock import Clock, ClockRateMeter, ClockRates
+from gateway.planner.perf import StepBatch, StepCostModel
 
 
 class EngineStopped(Exception):
@@ -32,35 +30,20 @@ class EngineStopped(Exception):
 
 
 @dataclass(eq=False)
-class Sequence:
+class Sequence(BatchSequence):
     """One request inside the engine. Times are simulated seconds; token counts are decided up front."""
 
-    prompt_tokens: int
-    output_tokens: int  # tokens it will generate before finishing
     finish_reason: str  # "stop" or "length", reported when it finishes
     stream: bool = False
     id: int = 0
     arrival_s: float = 0.0
-    admitted_s: float | None = None  # first admission into the running batch
+    admitted_s: float | None = None  # first step it ran in
     first_token_s: float | None = None
     finished_s: float | None = None
-    generated: int = 0
-    prefill_target: int = 0  # tokens to put in the cache before the next token (prompt, + output after preemption)
-    prefilled: int = 0
-    blocks: int = 0
-    preemptions: int = 0
     cancelled: bool = False
     # Streaming: the number of new tokens after every step that produced some; None when the engine stopped.
     tokens: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     done: asyncio.Future[None] | None = None
-
-    @property
-    def context_tokens(self) -> int:
-        return self.prompt_tokens + self.generated
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled >= self.prefill_target
 
 
 class SchedulerObserver(Protocol):
@@ -75,62 +58,64 @@ class SchedulerObserver(Protocol):
 
 @dataclass(frozen=True)
 class SchedulerStats:
-    """A snapshot for the scheduler gauges (simulated seconds for ``now_s``)."""
+    """A snapshot for the scheduler gauges and ``/sim/stats`` (simulated seconds for ``now_s``)."""
 
-    running: int
-    waiting: int
+    running: int  # active in the latest step (LMDeploy's num_requests_running)
+    waiting: int  # in the batch but not active (LMDeploy's num_requests_waiting)
+    queued: int  # not yet in the batch (TurboMind's gateway queue; LMDeploy reports no gauge for it)
     cache_usage_ratio: float
     total_blocks: int
     free_blocks: int
     steps: int
+    mean_running: float  # requests active per step, averaged over the steps
     preemptions: int
+    evicted_blocks: int
     now_s: float
     busy_s: float  # simulated seconds spent in steps since the start
+    clock: ClockRates
 
 
-@dataclass
-class _Step:
-    batch: StepBatch
-    decoding: list[Sequence]
-    prefill_chunks: list[tuple[Sequence, int]]
-
-
-def blocks_for(tokens: int) -> int:
-    return -(-tokens // KV_BLOCK_TOKENS)
+def step_batch(plan: StepPlan) -> StepBatch:
+    """The cost model's view of a step: decode tokens (one-token chunks) and prefill chunks, in aggregate."""
+    decode = decode_context = prefill = prefill_context = 0
+    pairs = 0.0
+    for chunk in plan.chunks:
+        if chunk.tokens == 1:
+            decode += 1
+            decode_context += chunk.cached_tokens + 1
+        else:
+            prefill += chunk.tokens
+            prefill_context += chunk.cached_tokens
+            pairs += chunk.tokens * (chunk.cached_tokens + chunk.tokens / 2)
+    return StepBatch(decode_sequences=decode, decode_context_tokens=decode_context, prefill_tokens=prefill,
+                     prefill_context_tokens=prefill_context, prefill_attention_pairs=pairs)
 
 
 class Scheduler:
-    """The engine's continuous-batching loop. Create it, ``start()`` it in a running loop, ``submit`` requests."""
+    """The engine's step loop. Create it, ``start()`` it in a running loop, ``submit`` requests."""
 
     def __init__(
         self,
         cost: StepCostModel,
         clock: Clock,
+        limits: BatchLimits,
         *,
-        max_batch_size: int,
-        kv_cache_blocks: int,
-        max_prefill_token_num: int,
         observer: SchedulerObserver | None = None,
+        rate_meter: ClockRateMeter | None = None,
     ) -> None:
-        if max_batch_size < 1 or kv_cache_blocks < 1 or max_prefill_token_num < 1:
-            raise ValueError(
-                f"max_batch_size ({max_batch_size}), kv_cache_blocks ({kv_cache_blocks}) and "
-                f"max_prefill_token_num ({max_prefill_token_num}) must be at least 1"
-            )
         self._cost = cost
         self._clock = clock
-        self.max_batch_size = max_batch_size
-        self.total_blocks = kv_cache_blocks
-        self.max_prefill_token_num = max_prefill_token_num
+        self.limits = limits
+        self._batch = TurboMindBatch(limits)
         self._observer = observer
-        self._free_blocks = kv_cache_blocks
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
+        self._meter = rate_meter or ClockRateMeter(clock)
         self._wake = asyncio.Event()
-        self._ids = itertools.count(1)
+        self._next_id = 1
         self._steps = 0
+        self._active_sum = 0  # requests active, summed over the steps
         self._busy_s = 0.0
         self._preemptions = 0
+        self._evicted_blocks = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -147,26 +132,27 @@ class Scheduler:
             self._task.cancel()
             await asyncio.wait([self._task])  # waits without re-raising the task's own cancellation
             self._task = None
-        for seq in [*self._waiting, *self._running]:
+        for seq in [*self._batch.queue, *self._batch.batch]:
+            assert isinstance(seq, Sequence)
+            self._batch.remove(seq)
             self._abort(seq)
-        self._waiting.clear()
-        self._running.clear()
-        self._free_blocks = self.total_blocks
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a request; the caller then waits on ``seq.done`` (and reads ``seq.tokens`` when streaming)."""
-        if seq.prompt_tokens + seq.output_tokens > self.total_blocks * KV_BLOCK_TOKENS:
-            raise ValueError(
-                f"a sequence of {seq.prompt_tokens + seq.output_tokens} tokens can never fit the KV cache "
-                f"({self.total_blocks * KV_BLOCK_TOKENS} tokens)"
-            )
         if seq.output_tokens < 1:
             raise ValueError(f"output_tokens must be at least 1, not {seq.output_tokens}")
-        seq.id = next(self._ids)
+        if not self._batch.fits(seq.prompt_tokens, seq.output_tokens):
+            limits = self.limits
+            raise ValueError(
+                f"a sequence of {seq.prompt_tokens + seq.output_tokens} tokens can never fit the KV cache "
+                f"({limits.kv_cache_blocks * limits.block_tokens} tokens) or one step's context budget "
+                f"({limits.max_context_tokens} tokens)"
+            )
+        seq.id = self._next_id
+        self._next_id += 1
         seq.arrival_s = self._clock.now_s()
-        seq.prefill_target = seq.prompt_tokens
         seq.done = asyncio.get_running_loop().create_future()
-        self._waiting.append(seq)
+        self._batch.add(seq)
         self._wake.set()
         return seq
 
@@ -175,147 +161,75 @@ class Scheduler:
         if seq.cancelled or (seq.done is not None and seq.done.done()):
             return
         seq.cancelled = True
-        if seq in self._running:
-            self._running.remove(seq)
-            self._free_blocks += seq.blocks
-            seq.blocks = 0
-        elif seq in self._waiting:
-            self._waiting.remove(seq)
+        self._batch.remove(seq)
         if seq.done is not None and not seq.done.done():
             seq.done.cancel()
 
     def stats(self) -> SchedulerStats:
-        used = self.total_blocks - self._free_blocks
+        batch = self._batch
+        running = batch.running
+        total = self.limits.kv_cache_blocks
         return SchedulerStats(
-            running=len(self._running),
-            waiting=len(self._waiting),
-            cache_usage_ratio=used / self.total_blocks,
-            total_blocks=self.total_blocks,
-            free_blocks=self._free_blocks,
+            running=running,
+            waiting=len(batch.batch) - running,
+            queued=len(batch.queue),
+            cache_usage_ratio=batch.used_blocks / total,
+            total_blocks=total,
+            free_blocks=batch.free_blocks,
             steps=self._steps,
+            mean_running=self._active_sum / self._steps if self._steps else 0.0,
             preemptions=self._preemptions,
+            evicted_blocks=self._evicted_blocks,
             now_s=self._clock.now_s(),
             busy_s=self._busy_s,
+            clock=self._meter.rates(),
         )
 
     async def _run(self) -> None:
         while True:
-            if not self._running and not self._waiting:
+            plan = self._batch.schedule()
+            if plan.empty:
+                # Nothing can run (an empty engine): wait for an arrival, which changes the picture.
                 self._wake.clear()
                 await self._wake.wait()
-            step = self._plan_step()
-            duration_s = self._cost.step_s(step.batch)
-            await self._clock.sleep_until(self._clock.now_s() + duration_s)
+                continue
+            now_s = self._clock.now_s()
+            for chunk in plan.chunks:
+                seq = chunk.seq
+                assert isinstance(seq, Sequence)
+                if seq.admitted_s is None:
+                    seq.admitted_s = now_s
+            duration_s = self._cost.step_s(step_batch(plan))
+            await self._clock.sleep_until(now_s + duration_s)
             self._busy_s += duration_s
-            self._complete_step(step)
+            self._evicted_blocks += plan.evicted_blocks
+            self._preemptions += plan.preemptions
+            self._complete(plan)
+            self._meter.sample()
 
-    def _plan_step(self) -> _Step:
-        decoding = self._grow_decoding()
-        budget = self.max_prefill_token_num
-        chunks: list[tuple[Sequence, int]] = []
-        for seq in self._running:
-            if budget <= 0:
-                break
-            if not seq.decoding:
-                chunk = min(seq.prefill_target - seq.prefilled, budget)
-                chunks.append((seq, chunk))
-                budget -= chunk
-        while budget > 0 and self._waiting and len(self._running) < self.max_batch_size:
-            seq = self._waiting[0]
-            needed = blocks_for(seq.prefill_target + 1)
-            if needed > self._free_blocks:
-                break  # first come, first served: the head waits for blocks, nobody overtakes it
-            self._waiting.popleft()
-            self._free_blocks -= needed
-            seq.blocks = needed
-            if seq.admitted_s is None:
-                seq.admitted_s = self._clock.now_s()
-            self._running.append(seq)
-            chunk = min(seq.prefill_target, budget)
-            chunks.append((seq, chunk))
-            budget -= chunk
-        batch = StepBatch(
-            decode_sequences=len(decoding),
-            decode_context_tokens=sum(seq.context_tokens for seq in decoding),
-            prefill_tokens=sum(chunk for _, chunk in chunks),
-            prefill_context_tokens=sum(seq.prefilled for seq, _ in chunks),
-            prefill_attention_pairs=sum(chunk * (seq.prefilled + chunk / 2) for seq, chunk in chunks),
-        )
-        return _Step(batch, decoding, chunks)
-
-    def _grow_decoding(self) -> list[Sequence]:
-        """Blocks for one more token per decoding sequence, oldest first; preempt the newest when short."""
-        decoding: list[Sequence] = []
-        index = 0
-        while index < len(self._running):
-            seq = self._running[index]
-            index += 1
-            if not seq.decoding:
-                continue
-            needed = blocks_for(seq.context_tokens) - seq.blocks
-            while needed > self._free_blocks and self._running[-1] is not seq:
-                self._preempt(self._running[-1])
-            if needed > self._free_blocks:
-                self._preempt(seq)
-                break
-            self._free_blocks -= needed
-            seq.blocks += needed
-            decoding.append(seq)
-        return decoding
-
-    def _preempt(self, seq: Sequence) -> None:
-        self._running.remove(seq)
-        self._free_blocks += seq.blocks
-        seq.blocks = 0
-        seq.prefilled = 0
-        seq.prefill_target = seq.context_tokens
-        seq.preemptions += 1
-        self._preemptions += 1
-        self._waiting.appendleft(seq)
-
-    def _complete_step(self, step: _Step) -> None:
+    def _complete(self, plan: StepPlan) -> None:
         self._steps += 1
+        self._active_sum += len(plan.chunks)
+        outcome = self._batch.complete(plan)
         now_s = self._clock.now_s()
-        finished: list[Sequence] = []
-        prompt_tokens = 0
-        generated = 0
-        for seq in step.decoding:
-            if seq.cancelled or seq.blocks == 0:
-                continue  # cancelled or preempted during the step
-            seq.generated += 1
-            generated += 1
-            self._deliver(seq, finished)
-        for seq, chunk in step.prefill_chunks:
-            if seq.cancelled or seq.blocks == 0:
-                continue
-            seq.prefilled += chunk
-            if seq.prefilled >= seq.prefill_target:
-                if seq.generated == 0:
-                    prompt_tokens += seq.prompt_tokens
-                    seq.first_token_s = now_s
-                    if self._observer is not None:
-                        self._observer.on_first_token(seq)
-                seq.generated += 1
-                generated += 1
-                self._deliver(seq, finished)
-        for seq in finished:
-            self._running.remove(seq)
-            self._free_blocks += seq.blocks
-            seq.blocks = 0
+        for seq in outcome.first_tokens:
+            assert isinstance(seq, Sequence)
+            seq.first_token_s = now_s
+            if self._observer is not None:
+                self._observer.on_first_token(seq)
+        for seq in outcome.produced:
+            assert isinstance(seq, Sequence)
+            if seq.stream:
+                seq.tokens.put_nowait(1)
+        for seq in outcome.finished:
+            assert isinstance(seq, Sequence)
             seq.finished_s = now_s
             if seq.done is not None and not seq.done.done():
                 seq.done.set_result(None)
             if self._observer is not None:
                 self._observer.on_finish(seq)
         if self._observer is not None:
-            self._observer.on_step(prompt_tokens=prompt_tokens, generation_tokens=generated)
-
-    @staticmethod
-    def _deliver(seq: Sequence, finished: list[Sequence]) -> None:
-        if seq.stream:
-            seq.tokens.put_nowait(1)
-        if seq.generated >= seq.output_tokens:
-            finished.append(seq)
+            self._observer.on_step(prompt_tokens=outcome.prompt_tokens, generation_tokens=len(outcome.produced))
 
     @staticmethod
     def _abort(seq: Sequence) -> None:

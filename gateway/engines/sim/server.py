@@ -1,10 +1,10 @@
 """The simulated engine's HTTP server: LMDeploy 0.18 ``api_server``'s API on aiohttp.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or SSE
-streaming), ``GET /health``, ``GET /metrics``, and ``GET /sim/stats`` (the simulator's own: simulated clock,
-steps, preemptions — what the calibration benchmark reads). Every error a client sees has the OpenAI
-shape; a failure after a stream started is sent as a last ``data: {"error": ...}`` event, then
-``data: [DONE]``. Every choice of a request (``n`` > 1 on chat, each prompt of a completion) is its own
+streaming), ``GET /health``, ``GET /metrics``, and ``GET /sim/stats`` (the simulator's own: simulated clock
+and how fast it really ran, steps, preemptions — what the calibration benchmark reads). Every error a client
+sees has the OpenAI shape; a failure after a stream started is sent as a last ``data: {"error": ...}`` event,
+then ``data: [DONE]``. Every choice of a request (``n`` > 1 on chat, each prompt of a completion) is its own
 sequence in the engine, as in LMDeploy. SIGTERM or SIGINT stops the engine: in-flight requests end with an
 error, the port closes, and the process exits 0.
 """
@@ -71,14 +71,7 @@ def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Appli
         multimodal=setup.model.vision is not None,
         backend=setup.knobs.backend,
     )
-    app[SCHEDULER] = Scheduler(
-        cost,
-        clock or ScaledClock(setup.time_scale),
-        max_batch_size=setup.max_batch_size,
-        kv_cache_blocks=setup.kv_cache_blocks,
-        max_prefill_token_num=setup.knobs.max_prefill_token_num,
-        observer=metrics,
-    )
+    app[SCHEDULER] = Scheduler(cost, clock or ScaledClock(setup.time_scale), setup.limits, observer=metrics)
     app.on_startup.append(_start_scheduler)
     app.on_shutdown.append(_stop_scheduler)
     app.router.add_get("/v1/models", _models)
@@ -167,16 +160,24 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _sim_stats(request: web.Request) -> web.Response:
     setup = request.app[SETUP]
     stats = request.app[SCHEDULER].stats()
+    clock = stats.clock
     return web.json_response({
         "simulated_time_s": stats.now_s,
         "busy_s": stats.busy_s,
         "time_scale": setup.time_scale,
+        "clock_rate_ratio": clock.life_ratio,
+        "clock_rate_recent_ratio": clock.recent_ratio,
+        "clock_rate_recent_window_s": clock.recent_window_s,
+        "wall_time_s": clock.wall_s,
         "running": stats.running,
         "waiting": stats.waiting,
+        "queued": stats.queued,
         "kv_cache_blocks": stats.total_blocks,
         "kv_cache_free_blocks": stats.free_blocks,
+        "kv_cache_block_tokens": setup.limits.block_tokens,
         "steps": stats.steps,
         "preemptions": stats.preemptions,
+        "evicted_blocks": stats.evicted_blocks,
     })
 
 

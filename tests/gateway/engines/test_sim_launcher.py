@@ -86,3 +86,11 @@ def test_deviation_file_errors_are_user_errors(tmp_path):
     good = tmp_path / "deviation.json"
     good.write_text('{"decode_efficiency_factor_by_tp": {"2": 0.8}}')
     assert resolve(SimEngineConfig(model="llama-2-7b", deviation_file=str(good))).deviation.decode_factor(2) == 0.8
+
+
+def test_a_forward_budget_below_one_kv_block_is_refused():
+    with pytest.raises(UserError, match=r"max_prefill_token_num \+ max_batch_size \(2\) is less than one KV block"):
+        resolve(SimEngineConfig.from_values({"model": "llama-2-7b", "gpu": "a100-80gb", "max_batch_size": 1,
+                                             "max_prefill_token_num": 1}))
+    limits = resolve(SimEngineConfig.from_values({"model": "llama-2-7b", "gpu": "a100-80gb"})).limits
+    assert (limits.max_batch_size, limits.max_forward_tokens, limits.max_context_tokens) == (384, 8576, 4096)

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.engines.sim.clock import ManualClock, ScaledClock
+from gateway.engines.sim.batch import BatchLimits
+from gateway.engines.sim.clock import ClockRateMeter, ManualClock, ScaledClock
 from gateway.engines.sim.scheduler import EngineStopped, Scheduler, Sequence
 from gateway.planner import find_gpu, load_model
 from gateway.planner.perf import StepBatch, StepCostModel
@@ -38,14 +39,9 @@ def make_scheduler(
 ) -> tuple[Scheduler, ManualClock, RecordingObserver]:
     clock = ManualClock()
     observer = RecordingObserver()
-    scheduler = Scheduler(
-        StepCostModel(LLAMA_7B, A100, 1),
-        clock,
-        max_batch_size=max_batch_size,
-        kv_cache_blocks=kv_cache_blocks,
-        max_prefill_token_num=max_prefill_token_num,
-        observer=observer,
-    )
+    limits = BatchLimits.turbomind(max_batch_size=max_batch_size, kv_cache_blocks=kv_cache_blocks,
+                                   max_prefill_token_num=max_prefill_token_num, session_len=16384, tp=1)
+    scheduler = Scheduler(StepCostModel(LLAMA_7B, A100, 1), clock, limits, observer=observer)
     return scheduler, clock, observer
 
 
@@ -83,7 +79,7 @@ async def test_batch_is_bounded_by_max_batch_size():
         await asyncio.sleep(0)
     stats = scheduler.stats()
     assert stats.running == 4
-    assert stats.waiting == 6
+    assert (stats.waiting, stats.queued) == (0, 6)  # beyond max_batch_size, requests queue outside the batch
     await run_until_done(scheduler, seqs)
     admitted = sorted(s.admitted_s for s in seqs if s.admitted_s is not None)
     assert admitted[4] > admitted[3]  # the fifth waited for a free slot
@@ -139,7 +135,7 @@ async def test_cancelling_frees_slot_and_blocks_at_once():
     scheduler.start()
     while running.generated < 3:
         await asyncio.sleep(0)
-    assert scheduler.stats().waiting == 1
+    assert scheduler.stats().queued == 1
     scheduler.cancel(running)
     stats = scheduler.stats()
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
@@ -154,7 +150,7 @@ async def test_cancelling_a_waiting_request_removes_it_from_the_queue():
     scheduler.submit(Sequence(10, 5, "length"))
     queued = scheduler.submit(Sequence(10, 5, "length"))
     scheduler.cancel(queued)
-    assert scheduler.stats().waiting == 1
+    assert scheduler.stats().queued == 1
 
 
 async def test_stop_fails_unfinished_requests():
@@ -205,3 +201,59 @@ async def test_scaled_clock_never_goes_back_past_a_time_it_reported():
     await clock.sleep_until(20.0)
     assert seen == [pytest.approx(25.0)]
     assert clock.now_s() == pytest.approx(25.0)
+
+
+async def test_a_clock_whose_sleeps_overrun_reports_a_rate_below_its_time_scale():
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds * 1.25  # a busy machine: every sleep lasts a quarter longer than asked
+
+    clock = ScaledClock(10.0, monotonic=lambda: now[0], sleep=late_sleep)
+    meter = ClockRateMeter(clock, window_s=10.0, monotonic=lambda: now[0])
+    for _ in range(200):  # 200 steps of 0.5 simulated seconds: 10 s of wall time asked, 12.5 s taken
+        await clock.sleep_until(clock.now_s() + 0.5)
+        meter.sample()
+    rates = meter.rates()
+    assert rates.simulated_s == pytest.approx(100.0)
+    assert rates.wall_s == pytest.approx(12.5)
+    assert rates.life_ratio == pytest.approx(8.0)  # 10 x time scale / 1.25
+    assert rates.recent_ratio == pytest.approx(8.0, rel=0.01)
+    assert 9.9 <= rates.recent_window_s <= 10.5
+
+
+async def test_the_recent_rate_recovers_when_the_machine_does():
+    now = [0.0]
+    lateness = [1.5]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds * lateness[0]
+
+    clock = ScaledClock(10.0, monotonic=lambda: now[0], sleep=sleep)
+    meter = ClockRateMeter(clock, window_s=5.0, monotonic=lambda: now[0])
+    for _ in range(100):  # 15 s of wall time at two thirds of the time scale
+        await clock.sleep_until(clock.now_s() + 1.0)
+        meter.sample()
+    lateness[0] = 1.0
+    for _ in range(100):  # 10 s on time
+        await clock.sleep_until(clock.now_s() + 1.0)
+        meter.sample()
+    rates = meter.rates()
+    assert rates.recent_ratio == pytest.approx(10.0, rel=0.02)  # the last 5 s ran at full speed
+    assert rates.life_ratio == pytest.approx(200 / 25)  # 200 simulated seconds in 25 wall seconds
+    now[0] += 3.0  # idle: the clock runs at its time scale, without steps
+    assert meter.rates().recent_ratio == pytest.approx(10.0, rel=0.02)
+
+
+async def test_stats_report_the_clock_rate_and_leave_lmdeploys_waiting_to_the_batch():
+    scheduler, _, _ = make_scheduler(max_batch_size=2, kv_cache_blocks=4)
+    seqs = [scheduler.submit(Sequence(100, 5, "length")) for _ in range(4)]
+    scheduler.start()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    stats = scheduler.stats()
+    # 4 blocks hold two 100-token prompts (2 blocks each) only just; the batch has 2 slots, 2 more queue.
+    assert (stats.running, stats.waiting, stats.queued) == (2, 0, 2)
+    assert stats.clock.simulated_s > 0
+    await run_until_done(scheduler, seqs)
+    assert scheduler.stats().mean_running > 1

@@ -79,11 +79,14 @@ def test_kv_cache_arithmetic():
     assert verdict.max_sequences_per_replica == verdict.kv_cache_tokens_per_replica // 4096
 
 
-def test_int4_kv_cache_holds_four_times_the_tokens():
-    model = load_model("llama-3-8b")
+def test_quantised_kv_cache_holds_nearly_two_and_four_times_the_tokens():
+    model = load_model("llama-3-8b")  # head_dim 128: 256 bytes per head and token in fp16
     fp16 = evaluate_tp(model, H100, 1, gpus=1, gpus_per_node=1)
+    int8 = evaluate_tp(model, H100, 1, gpus=1, gpus_per_node=1, knobs=EngineKnobs(quant_policy=8))
     int4 = evaluate_tp(model, H100, 1, gpus=1, gpus_per_node=1, knobs=EngineKnobs(quant_policy=4))
-    assert int4.kv_cache_tokens_per_replica == pytest.approx(4 * fp16.kv_cache_tokens_per_replica, rel=1e-6)
+    # int8: 128 bytes of data plus a 4-byte scale and zero point; int4: 64 + 4 bytes.
+    assert int8.kv_cache_tokens_per_replica == pytest.approx(256 / 132 * fp16.kv_cache_tokens_per_replica, rel=1e-4)
+    assert int4.kv_cache_tokens_per_replica == pytest.approx(256 / 68 * fp16.kv_cache_tokens_per_replica, rel=1e-4)
 
 
 def test_session_len_decides_kv_feasibility():
