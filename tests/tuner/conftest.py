@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gateway.config import TpgateConfig, load_config
+from tests.integration.test_sim_engine import engine
 
 
 def config_with(**environ_json: object) -> TpgateConfig:
@@ -26,3 +27,10 @@ def internvl_8() -> TpgateConfig:
                            "slo": {"ttft_p99_s": 5.0, "error_rate_max": 0.001}}},
         gpus=16,
     )
+
+
+@pytest.fixture(scope="module")
+def sim_engine():
+    """A simulated Llama-3-8B on one H100 at time scale 10 (a real ``tpgate engine sim`` process)."""
+    with engine("--model", "llama-3-8b", "--gpu", "h100-80gb", "--time-scale", "10") as (url, _):
+        yield url

@@ -69,6 +69,8 @@ class FakeControl:
     budget: int = 8
     classes: tuple[str, ...] = ("interactive", "batch")
     on_ready: Callable[[str], None] | None = None
+    gateway_url: str = "http://127.0.0.1:18000"
+    engine_url: str | None = None  # every replica's endpoint (default: a distinct unused port per replica)
     pools: dict[str, FakePool] = field(default_factory=dict)
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
@@ -77,7 +79,7 @@ class FakeControl:
     async def status(self) -> FakeStatus:
         used = sum(p.gpus for p in self.pools.values())
         return FakeStatus(self.version, dict(self.pools), {k: dict(v) for k, v in self.routes.items()},
-                          self.budget, used, self.budget - used)
+                          self.budget, used, self.budget - used, self.gateway_url)
 
     async def add_pool(self, pool: PoolSpec) -> int:
         self.calls.append(("add_pool", pool.id))
@@ -116,7 +118,8 @@ class FakeControl:
         if self.on_ready is not None:
             self.on_ready(pool_id)
         pool = self.pools[pool_id]
-        endpoints = {f"{pool_id}-r{i}": f"http://127.0.0.1:{19000 + i}" for i in range(pool.replicas)}
+        endpoints = {f"{pool_id}-r{i}": self.engine_url or f"http://127.0.0.1:{19000 + i}"
+                     for i in range(pool.replicas)}
         self.pools[pool_id] = replace(pool, phase="running", ready_replicas=pool.replicas, endpoints=endpoints)
         return self.pools[pool_id]
 
