@@ -8,9 +8,9 @@ the prefill with the p99 prompt, e2e p99 adds ``(p99 output - 1)`` token gaps to
 (the model sees every user always waiting), which overstates the load of a light interactive profile; the
 ranking, not the absolute figure, is what the study uses.
 
-The guided start takes the best-ranked candidate of each pool shape (TP x replicas), shapes in rank order:
-when the model is wrong about all-reduce cost or KV-cache pressure it is wrong about a whole shape, so the first
-trials spread over shapes and the sampler refines the knobs.
+The guided start takes the best-ranked candidate of each TP size, then of each further pool shape (TP x
+replicas), in rank order: when the model is wrong about all-reduce cost or KV-cache pressure it is wrong about
+a whole TP size, so the first trials spread over them and the sampler refines replicas and knobs.
 """
 
 from __future__ import annotations
@@ -122,10 +122,17 @@ def rank_candidates(
 
 
 def guided_picks(ranked: Sequence[Ranked], count: int) -> list[Ranked]:
-    """The best-ranked candidate of each pool shape, shapes in rank order, at most ``count``."""
-    picks: dict[tuple[int, int], Ranked] = {}
-    for r in ranked:
-        if len(picks) >= count:
-            break
-        picks.setdefault(r.candidate.shape, r)
-    return list(picks.values())
+    """At most ``count`` first trials, in rank order: the best-ranked candidate of each TP size first, then of
+    each further pool shape (TP x replicas). TP sizes come first because the model's likeliest error is the
+    cost of tensor parallelism itself (all-reduce, kernel efficiency at small shards), which moves the optimum
+    from one TP size to another; replica counts and knobs are what the sampler refines."""
+    chosen: dict[int, Ranked] = {}  # position in ``ranked`` -> pick
+    for key in (lambda r: r.candidate.tp, lambda r: r.candidate.shape):
+        seen = {key(r) for r in chosen.values()}
+        for position, r in enumerate(ranked):
+            if len(chosen) >= count:
+                break
+            if key(r) not in seen:
+                seen.add(key(r))
+                chosen[position] = r
+    return [chosen[position] for position in sorted(chosen)]

@@ -38,11 +38,20 @@ WINDOW_S = 60.0
 
 @dataclass(frozen=True)
 class Deviation:
-    """How the synthetic truth departs from the model: TPOT factor per TP size (all-reduce), and prefill."""
+    """How the synthetic truth departs from the model: TPOT factor per TP size (all-reduce), prefill, and a
+    cost of large batches the model does not see (TPOT x (1 + f x log2(max_batch_size / 128)))."""
 
     tpot_factor_by_tp: Mapping[int, float] = field(default_factory=lambda: {1: 1.0, 2: 1.08, 4: 1.25, 8: 1.6})
     prefill_factor: float = 1.3
+    batch_tpot_per_doubling: float = 0.0
     noise: float = 0.03  # standard deviation of the multiplicative noise of each measurement
+
+
+DEVIATIONS = {
+    "mild": Deviation(),
+    # all-reduce far costlier than modelled and large batches slower: the model's TP order and knob ties mislead
+    "adversarial": Deviation(tpot_factor_by_tp={1: 1.0, 2: 1.0, 4: 1.5, 8: 2.4}, batch_tpot_per_doubling=0.12),
+}
 
 
 def true_figures(space: SearchSpace, candidate: Candidate, workload: WorkloadShape,
@@ -50,6 +59,8 @@ def true_figures(space: SearchSpace, candidate: Candidate, workload: WorkloadSha
     """The synthetic truth of a candidate (engine clock, no noise)."""
     p = predict_figures(space, candidate, workload)
     tpot = deviation.tpot_factor_by_tp.get(candidate.tp, 1.0)
+    batch_size = candidate.knobs.max_batch_size or 128
+    tpot *= 1 + deviation.batch_tpot_per_doubling * max(0.0, math.log2(batch_size / 128))
     figures = {k: float(v) for k, v in p.items() if v is not None}
     figures["tpot_p50_s"] *= tpot
     figures["tpot_p99_s"] *= tpot
@@ -154,16 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0-19")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--deviation", choices=sorted(DEVIATIONS), default="mild")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     space = build_space(config, args.class_name)
     print(f"class {args.class_name}: {len(space.candidates())} feasible candidates, {args.trials} trials, "
-          f"seeds {args.seeds}")
+          f"seeds {args.seeds}, {args.deviation} deviation")
     for sampler in args.samplers.split(","):
         for guided in (config.tuning.guided_trials, 0):
             started = time.monotonic()
             counts = [asyncio.run(replay_one(config, args.class_name, sampler=sampler, guided=guided, seed=seed,
-                                             trials=args.trials, deviation=Deviation()))
+                                             trials=args.trials, deviation=DEVIATIONS[args.deviation]))
                       for seed in parse_seeds(args.seeds)]
             stats = summarize(counts, args.trials)
             print(f"{sampler:>6} prior {'on ' if guided else 'off'}: trials to within 5 %: median {stats['median']}"

@@ -17,6 +17,7 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.errors import UserError
 from tuner.objectives import ObjectiveSpec, objective_specs
@@ -54,8 +55,8 @@ def load_report(storage: str, study_name: str | None = None) -> StudyReport:
     """Read a study's records from Optuna storage; UserError for a missing study (naming those present)."""
     try:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or file; all mean "cannot open"
-        raise UserError(f"cannot open storage {storage!r}: {exc}") from None
+    except (SQLAlchemyError, ImportError) as exc:  # a bad URL or file; a database driver not installed
+        raise UserError(f"cannot open storage {storage!r}: {str(exc).splitlines()[0]}") from None
     if study_name is None:
         if len(names) != 1:
             raise UserError(f"storage {storage!r} holds {len(names)} studies; name one with --study-name "

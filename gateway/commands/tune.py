@@ -103,7 +103,11 @@ def default_gateway_factory(config: TpgateConfig) -> AbstractAsyncContextManager
 
 async def _tune(config: TpgateConfig, class_name: str, args: argparse.Namespace, *, storage: str,
                 factory: GatewayFactory) -> StudyResult:
+    import optuna
+
     from tuner import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours; Optuna's would double it
 
     def progress(line: str) -> None:
         print(f"tpgate tune: {line}", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ def test_more_replicas_share_the_users_and_add_throughput(internvl_8):
     assert single["e2e_p99_s"] > single["e2e_p50_s"] and single["ttft_p99_s"] > single["ttft_p50_s"]
 
 
-def test_ranking_puts_predicted_slo_breakers_last_and_picks_one_per_shape(internvl_8):
+def test_ranking_puts_predicted_slo_breakers_last_and_picks_span_tp_sizes_then_shapes(internvl_8):
     space = build_space(internvl_8, "interactive")
     shape = WorkloadShape.of(load_profile("interactive"))
     specs = objective_specs(["min_e2e_p99"])
@@ -40,7 +40,13 @@ def test_ranking_puts_predicted_slo_breakers_last_and_picks_one_per_shape(intern
     meeting = [r for r in ranked if r.slo_violation == 0]
     assert meeting and [r.objectives[0] for r in meeting] == sorted(r.objectives[0] for r in meeting)
     picks = guided_picks(ranked, 3)
-    assert len({p.candidate.shape for p in picks}) == 3 and picks[0] is ranked[0]
+    assert sorted(p.candidate.tp for p in picks) == [2, 4, 8]  # one per TP size first
+    assert picks[0] is ranked[0]
+    positions = [ranked.index(p) for p in picks]
+    assert positions == sorted(positions)  # in rank order
+    assert all(p is next(r for r in ranked if r.candidate.tp == p.candidate.tp) for p in picks)
+    more = guided_picks(ranked, 5)
+    assert len({p.candidate.shape for p in more}) == 5 and {p.candidate.tp for p in more} == {2, 4, 8}
     assert guided_picks(ranked, 0) == []
 
 

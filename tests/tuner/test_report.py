@@ -45,6 +45,11 @@ async def test_several_objectives_report_a_pareto_front(tmp_path):
     assert "Pareto front" in page and plots_in(page) == 5  # 2 histories, Pareto, 2 predicted vs measured
 
 
+def test_a_storage_that_cannot_be_opened_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot open storage 'sqlite:////nonexistent/x.db'"):
+        load_report("sqlite:////nonexistent/x.db")
+
+
 async def test_a_missing_study_is_named(tmp_path):
     storage = await study_in(tmp_path, name="one")
     with pytest.raises(UserError, match="no study 'two' in .* \\(studies: one\\)"):

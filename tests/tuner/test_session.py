@@ -47,7 +47,7 @@ tuning:
   window_s: 8
   trial_timeout_s: 120
   guided_trials: 1
-  max_clock_lag_ratio: 0.6
+  max_clock_lag_ratio: 0.6  # this test checks the correction itself, on a CPU that may be busy
   prometheus_url: {prometheus}
 """
 
@@ -99,10 +99,14 @@ async def test_a_trial_records_what_the_engine_measured(tmp_path, sim_engine):
           f"TPOT {measured.tpot_mean_s:.5f} vs {truth['time_per_output_token']:.5f} s, "
           f"e2e {measured.e2e_mean_s:.3f} vs {truth['e2e_request_latency']:.3f} s, "
           f"output {measured.output_tokens_per_s:.0f} vs {tokens / measured.window_s:.0f} tok/s")
+    # decode dominates throughput, TPOT and e2e, and that is where a busy CPU makes the clock lag: the effective
+    # scale corrects them closely. A figure whose steps lagged less than the window's average (a long prefill
+    # sleeps through most of its step) is corrected too far, by at most the lag ratio.
     assert measured.output_tokens_per_s == pytest.approx(tokens / measured.window_s, rel=0.10)
     assert measured.tpot_mean_s == pytest.approx(truth["time_per_output_token"], rel=0.10)
     assert measured.e2e_mean_s == pytest.approx(truth["e2e_request_latency"], rel=0.10)
-    assert measured.ttft_mean_s == pytest.approx(truth["time_to_first_token"], rel=0.25)
+    bound = max(0.10, record.clock.lag_ratio) + 0.05
+    assert measured.ttft_mean_s == pytest.approx(truth["time_to_first_token"], rel=bound)
     # the control plane saw a trial pool on a trial route, and nothing is left behind
     assert control.pools == {} and control.routes == {}
     assert [c[1] for c in control.calls if c[0] == "set_route"] == [record.route]
