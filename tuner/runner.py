@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import tempfile
@@ -162,9 +163,9 @@ class TrialRunner:
         finally:
             keep = measurement is not None and measurement.failure is None and self._keep_pools
             await self._clean_up(pool_id, route, keep=keep)
-        timings["total_s"] = time.monotonic() - started
         assert measurement is not None  # every path above set it or raised
-        return measurement
+        return dataclasses.replace(measurement, timings={**measurement.timings,
+                                                         "total_s": time.monotonic() - started})
 
     async def close(self) -> None:
         """Remove the pools kept for reuse; close the engine-clock reader this runner opened."""

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from gateway.cli import main
@@ -24,3 +27,11 @@ async def test_report_verb_writes_the_page(tmp_path, capsys):
     assert f"wrote {out}:" in capsys.readouterr().out
     assert main(["tune", "report", "--storage", storage, "--study-name", "nope", "--out", str(out)]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_gateway_cli_does_not_import_the_tuner_until_a_study_runs():
+    code = ("import sys, gateway.cli; gateway.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'tuner' or m.startswith(('tuner.', 'plotly', 'optuna'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
