@@ -31,29 +31,19 @@ async def open_metric_source(
 ) -> AsyncIterator[MetricSource]:
     """A Prometheus server's API when ``prometheus_url`` is given; otherwise a Prometheus server started on
     loopback for the session when the binary is installed; otherwise direct scrapes (said in ``progress``)."""
-    source: MetricSource
-    if prometheus_url is not None:
-        source = PrometheusSource(prometheus_url)
-        try:
-            yield source
-        finally:
-            await source.aclose()
-        return
-    if shutil.which(binary) is None:
-        progress(f"metrics: no {binary!r} on PATH and no --prometheus-url: reading the gateway's /metrics directly "
-                 "at each window's start and end (Debian: apt-get install -y prometheus)")
-        source = ScrapeSource(router_metrics_urls)
-        try:
-            yield source
-        finally:
-            await source.aclose()
-        return
-    async with PrometheusServer(binary=binary) as server:
-        source = ManagedPrometheusSource(server, router_metrics_urls=router_metrics_urls)
-        try:
-            yield source
-        finally:
-            await source.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        source: MetricSource
+        if prometheus_url is not None:
+            source = PrometheusSource(prometheus_url)
+        elif shutil.which(binary) is None:
+            progress(f"metrics: no {binary!r} on PATH and no --prometheus-url: reading the gateway's /metrics "
+                     "directly at each window's start and end (Debian: apt-get install -y prometheus)")
+            source = ScrapeSource(router_metrics_urls)
+        else:
+            server = await stack.enter_async_context(PrometheusServer(binary=binary))
+            source = ManagedPrometheusSource(server, router_metrics_urls=router_metrics_urls)
+        stack.push_async_callback(source.aclose)
+        yield source
 
 
 async def tune(

@@ -29,14 +29,8 @@ async def metrics_server(traffic: GatewayTraffic) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def steady_traffic(traffic: GatewayTraffic, route: str, pool: str, *, per_tick: int = 3,
@@ -96,6 +90,16 @@ async def mini_gateway(traffic: GatewayTraffic, engine_url: str, pool_of: Callab
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/metrics", metrics)
+    try:
+        async with serving(app) as url:
+            yield url
+    finally:
+        await session.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port; yields its base URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -104,4 +108,3 @@ async def mini_gateway(traffic: GatewayTraffic, engine_url: str, pool_of: Callab
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
-        await session.close()

@@ -10,6 +10,7 @@ import pytest
 from tests.tuner.servers import metrics_server, steady_traffic
 from tests.tuner.traffic import GatewayTraffic
 from tuner.prometheus_server import PrometheusServer, PrometheusServerError
+from tuner.session import open_metric_source
 from tuner.sources import PrometheusSource, ScrapeSource, SimClockReader
 from tuner.timescale import check_clocks
 from tuner.window import WindowFigures
@@ -79,3 +80,28 @@ async def test_targets_that_never_come_up_are_named():
     async with PrometheusServer() as server:
         with pytest.raises(PrometheusServerError, match="targets not up after 2 s: tpgate-gateway 127.0.0.1:9"):
             await server.watch({"router-0": "http://127.0.0.1:9"}, {}, timeout_s=2.0)
+
+
+async def test_a_session_without_a_url_starts_its_own_prometheus_and_points_it_at_the_pool(sim_engine):
+    require_prometheus()
+    traffic = GatewayTraffic()
+    async with metrics_server(traffic) as gateway_url:
+        async with open_metric_source(prometheus_url=None) as source:
+            assert source.name == "prometheus" and "started by the tuner" in source.description
+            await source.watch(gateway_url, {POOL: {"r0": sim_engine}})  # returns once both targets are up
+            load = asyncio.create_task(steady_traffic(traffic, ROUTE, POOL))
+            try:
+                await asyncio.sleep(2.0)
+                start = await source.mark()
+                await asyncio.sleep(4.0)
+                end = await source.mark()
+                values = await source.window_values(start, end, route=ROUTE, pool=POOL)
+            finally:
+                load.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await load
+        server_url = source.description.split(" at ")[1].split(" ")[0]
+    figures = WindowFigures.from_values(values, window_s=end.at_s - start.at_s)
+    assert figures.requests_per_s == pytest.approx(60, rel=0.25) and figures.e2e_p50_s is not None
+    with pytest.raises(OSError):  # the server stopped with the session
+        await asyncio.open_connection(*server_url.removeprefix("http://").split(":"))

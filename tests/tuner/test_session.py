@@ -1,7 +1,7 @@
-"""A whole tuning session through the tuner's real I/O: locust load through a streaming proxy that records
-gateway metrics, a simulated engine at time scale 10, a Prometheus server, the trial runner and the study
-driver. Only the control plane is a fake (in memory). The trial's record, in the engine's clock, is compared
-with the engine's own metrics over the same window."""
+"""Tuning sessions: which metric source a session uses, and (integration) a whole session through the tuner's
+real I/O: locust load through a streaming proxy that records gateway metrics, a simulated engine at time scale
+10, a Prometheus server, the trial runner and the study driver. Only the control plane is a fake (in memory).
+The trial's record, in the engine's clock, is compared with the engine's own metrics over the same window."""
 
 import shutil
 
@@ -14,9 +14,8 @@ from tests.tuner.servers import mini_gateway
 from tests.tuner.traffic import GatewayTraffic
 from tuner import GatewayHandle, tune
 from tuner.prometheus_server import PrometheusServer
+from tuner.session import open_metric_source
 from tuner.sources import PrometheusSource, scalar
-
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PROFILE = """
 description: six users back to back, fixed lengths
@@ -59,6 +58,8 @@ async def engine_mean(prometheus: PrometheusSource, metric: str, *, end_s: float
     return total / count
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
 async def test_a_trial_records_what_the_engine_measured(tmp_path, sim_engine):
     assert shutil.which("prometheus"), "Debian's prometheus is needed: apt-get install -y prometheus"
     (tmp_path / "chat.yaml").write_text(PROFILE)
@@ -113,3 +114,18 @@ async def test_a_trial_records_what_the_engine_measured(tmp_path, sim_engine):
     assert any("metrics: Prometheus at" in line for line in lines)
     trials = optuna.load_study(study_name=result.study_name, storage=storage).trials
     assert len(trials) == 1 and trials[0].values == [pytest.approx(measured.output_tokens_per_s)]
+
+
+async def test_without_prometheus_the_session_scrapes_and_says_so():
+    lines = []
+    async with open_metric_source(prometheus_url=None, binary="no-such-prometheus", progress=lines.append) as source:
+        assert source.name == "scrape"
+        await source.watch("http://127.0.0.1:18000", {})
+        assert source.description == "direct scrapes of http://127.0.0.1:18000/metrics (no Prometheus)"
+    assert lines == ["metrics: no 'no-such-prometheus' on PATH and no --prometheus-url: reading the gateway's "
+                     "/metrics directly at each window's start and end (Debian: apt-get install -y prometheus)"]
+
+
+async def test_a_given_prometheus_url_is_used_as_it_is():
+    async with open_metric_source(prometheus_url="http://127.0.0.1:9090/") as source:
+        assert (source.name, source.description) == ("prometheus", "Prometheus at http://127.0.0.1:9090")
