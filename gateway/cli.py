@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "engine": "gateway.commands.engine",
     "load": "gateway.commands.load",
     "serve": "gateway.commands.serve",
+    "tune": "gateway.commands.tune",
 }
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from gateway.errors import UserError
 from gateway.planner import EngineKnobs, GpuSpec, gpu_catalog
+from gateway.planner.knobs import QuantPolicy
 from gateway.validation import FieldProblem, field_problems
 from gateway.yamlfile import YamlFileError, read_yaml_mapping
 
@@ -81,12 +82,76 @@ class SloConfig(StrictModel):
     error_rate_max: float | None = Field(default=None, ge=0, le=1)
 
 
+Objective = Literal["min_e2e_p99", "max_output_tokens_per_s", "max_goodput"]
+
+
 class WorkloadClassConfig(StrictModel):
     description: str = ""
-    objective: Literal["min_e2e_p99", "max_output_tokens_per_s"] = "min_e2e_p99"
+    objective: Objective | list[Objective] = Field(
+        default="min_e2e_p99",
+        description="what the tuner optimises; a list makes the study multi-objective (a Pareto front)",
+    )
     slo: SloConfig = Field(default_factory=SloConfig)
     profile: str | None = Field(default=None, description="load profile that defines the class (loadtests/profiles)")
     gpu_budget: int | None = Field(default=None, ge=1, description="GPUs the class may use (default: an even share)")
+
+    @field_validator("objective")
+    @classmethod
+    def _distinct_objectives(cls, objective: Objective | list[Objective]) -> Objective | list[Objective]:
+        if isinstance(objective, list) and (not objective or len(set(objective)) != len(objective)):
+            raise ValueError(f"must name one objective or a list of distinct ones, not {objective!r}")
+        return objective
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        """The objectives in order (one for a single-objective class)."""
+        return (self.objective,) if isinstance(self.objective, str) else tuple(self.objective)
+
+
+QUANT_POLICY_FP16: QuantPolicy = 0
+
+
+class TuningKnobsConfig(StrictModel):
+    """The engine-knob values a study tries (each a list of choices; one choice fixes the knob)."""
+
+    max_batch_size: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128, 256, 512, 1024],
+                                                              min_length=1)
+    cache_max_entry_count: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.7, 0.8, 0.9], min_length=1)
+    quant_policy: list[QuantPolicy] = Field(default_factory=lambda: [QUANT_POLICY_FP16], min_length=1)
+    max_prefill_token_num: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [4096, 8192],
+                                                                     min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_values(self) -> TuningKnobsConfig:
+        for name in type(self).model_fields:
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"knobs.{name} lists a value twice: {values}")
+        return self
+
+
+class TuningConfig(StrictModel):
+    """How ``tpgate tune`` searches and measures. Warm-up and window are wall-clock seconds."""
+
+    knobs: TuningKnobsConfig = Field(default_factory=TuningKnobsConfig)
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int | None = Field(default=None, ge=1, description="default: as many as the GPU budget holds")
+    max_gpus: int | None = Field(default=None, ge=1,
+                                 description="online tuning: at most this many of the GPUs production leaves free")
+    warmup_s: float = Field(default=10.0, ge=0, description="load before the measured window (wall seconds)")
+    window_s: float = Field(default=20.0, gt=0, description="the measured window (wall seconds)")
+    trial_timeout_s: float = Field(default=600.0, gt=0, description="deploy, ready, warm-up and window together")
+    guided_trials: int = Field(default=3, ge=0, description="first trials taken from the performance model's ranking")
+    max_clock_lag_ratio: float = Field(default=0.15, ge=0, lt=1,
+                                       description="simulated engines: clock lag corrected up to this, else invalid")
+    prometheus_url: str | None = Field(default=None, description="default: start a Prometheus server on loopback")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> TuningConfig:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 def _default_classes() -> dict[str, WorkloadClassConfig]:
@@ -171,6 +236,7 @@ class TpgateConfig(BaseSettings):
     default_class: str = "interactive"
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
     routes: dict[str, dict[str, float]] = Field(default_factory=dict)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     @field_validator("gpu")
     @classmethod
