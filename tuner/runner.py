@@ -111,6 +111,7 @@ class TrialRunner:
             raise ValueError(f"class {class_name!r}: {exc}") from None
         self._control = control
         self._config = config
+        self._class_name = class_name
         self._study_name = study_name
         self._source = source
         self._token = admin_token
@@ -142,7 +143,7 @@ class TrialRunner:
                 pool = await self._control.wait_ready(pool_id, timeout_s=self.timeout_s)
                 timings["ready_s"] = time.monotonic() - started
                 stage = "routing"
-                await self._control.set_route(route, {pool_id: 1.0})
+                await self._control.set_route(route, {pool_id: 1.0}, trial_class=self._class_name)
                 gateway_url = (await self._control.status()).gateway_url
                 await self._source.watch(gateway_url, {pool_id: pool.endpoints})
                 stage = "measuring"

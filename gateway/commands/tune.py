@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +27,6 @@ from gateway.config import ConfigError, TpgateConfig, load_config
 from gateway.errors import UserError
 
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
-
     from tuner import GatewayFactory, GatewayHandle, StudyResult
 
 DEFAULT_STORAGE_FILE = "~/.tpgate/tune.db"
@@ -66,9 +67,12 @@ def run(args: argparse.Namespace, *, gateway_factory: GatewayFactory | None = No
         return _report(args)
     config, class_name = validated(args)
     storage = args.storage or _default_storage()
-    factory = gateway_factory or default_gateway_factory
     try:
-        result = asyncio.run(_tune(config, class_name, args, storage=storage, factory=factory))
+        if gateway_factory is not None:
+            result = asyncio.run(_tune(config, class_name, args, storage=storage, factory=gateway_factory))
+        else:
+            with own_gateway(config) as handle:
+                result = asyncio.run(_tune(config, class_name, args, storage=storage, factory=_given(handle)))
     except KeyboardInterrupt:
         print(f"\ntpgate tune: interrupted; the study is saved in {storage}: run the same command to resume",
               file=sys.stderr)
@@ -95,10 +99,37 @@ def validated(args: argparse.Namespace) -> tuple[TpgateConfig, str]:
     return config, args.class_name
 
 
-def default_gateway_factory(config: TpgateConfig) -> AbstractAsyncContextManager[GatewayHandle]:
-    """Where ``tpgate tune`` starts its own gateway (as ``tpgate serve`` does, with no production pools)."""
-    raise UserError("tpgate tune cannot start a gateway yet: the gateway's control client is not connected to "
-                    "the tuner in this build")
+@contextlib.contextmanager
+def own_gateway(config: TpgateConfig) -> Iterator[GatewayHandle]:
+    """A gateway of the study's own, as ``tpgate serve`` starts one but with no production pools or routes (the
+    whole GPU budget is the study's), on a free loopback port and a state file of its own, stopped at the end."""
+    from gateway.cluster.lifecycle import running_gateway
+    from gateway.cluster.procutil import free_loopback_port
+    from gateway.cluster.runtime import resolve_api_keys
+    from gateway.control.state import DesiredState
+    from tuner import GatewayHandle
+
+    with tempfile.TemporaryDirectory(prefix="tpgate-tune-") as scratch:
+        own = config.model_copy(update={
+            "state_file": str(Path(scratch) / "state.json"),
+            "server": config.server.model_copy(update={"host": "127.0.0.1", "port": free_loopback_port()}),
+        })
+        with running_gateway(own, initial=DesiredState(), reset_state=True,
+                             api_key_classes=resolve_api_keys(own, os.environ), say=_say) as gateway:
+            _say(f"a gateway of its own on {gateway.url} ({own.gpus} x {own.gpu}, {own.engine.kind} engines)")
+            yield GatewayHandle(control=gateway.client, admin_token=gateway.admin_token)
+
+
+def _given(handle: GatewayHandle) -> GatewayFactory:
+    @contextlib.asynccontextmanager
+    async def factory(config: TpgateConfig) -> AsyncIterator[GatewayHandle]:
+        yield handle
+
+    return factory
+
+
+def _say(line: str) -> None:
+    print(f"tpgate tune: {line}", file=sys.stderr, flush=True)
 
 
 async def _tune(config: TpgateConfig, class_name: str, args: argparse.Namespace, *, storage: str,

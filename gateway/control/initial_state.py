@@ -65,7 +65,7 @@ def planner_pool(config: TpgateConfig, capacity: Capacity, class_name: str, budg
     ]
     if not verdicts:
         raise StateError(f"class {class_name!r}: no TP size fits its {budget} GPUs (see `tpgate plan`)")
-    if config.classes[class_name].objective == "min_e2e_p99":
+    if config.classes[class_name].objectives[0] == "min_e2e_p99":
         tp, replicas = verdicts[-1].tp, 1
     else:
         tp, replicas = verdicts[0].tp, verdicts[0].max_replicas

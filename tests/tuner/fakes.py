@@ -99,7 +99,7 @@ class FakeControl:
             weights.pop(pool_id, None)
         return self._bump()
 
-    async def set_route(self, route: str, weights: Mapping[str, float]) -> int:
+    async def set_route(self, route: str, weights: Mapping[str, float], *, trial_class: str | None = None) -> int:
         self.calls.append(("set_route", route))
         if route not in self.classes and not route.startswith("trial-"):
             raise StateRejected(f"route {route!r} is neither a workload class nor a trial route")

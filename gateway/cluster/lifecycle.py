@@ -1,0 +1,206 @@
+"""A gateway's life on Ray, for the commands that run one (``tpgate serve``, and ``tpgate tune`` with a gateway
+of its own): start or join Ray, bring up the controller and the router, and take down exactly what was started.
+
+The controller is found or created (:func:`controller_for`): one left in the cluster by an earlier
+``tpgate serve`` is reused when it has the same settings and its owner is gone, replaced (saying so) when its
+settings differ, and refused while its owner still runs. Its stored state is restored unless ``reset_state``;
+otherwise it is seeded with ``initial``. On the way out, the router and the pools this gateway deployed are
+deleted (each pool stops its engines), then the controller; other Serve applications are left alone.
+
+SIGINT and SIGTERM both raise KeyboardInterrupt in the main thread while the gateway runs, whatever the process
+inherited (a shell starts background jobs with SIGINT ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.cluster.runtime import ensure_admin_token, ray_cluster, read_admin_token
+from gateway.config import TpgateConfig
+from gateway.control.client import ControlClient, StateRejected
+from gateway.control.state import Capacity, DesiredState
+from gateway.control.store import StateStore, StoredState, StoreError
+from gateway.dataplane.auth import secret_digest
+from gateway.errors import UserError
+from gateway.planner import find_gpu, load_model
+
+OWNER = f"pid {os.getpid()} on {socket.gethostname()}"
+OWNER_SILENT_AFTER_S = 30.0  # a controller whose tpgate serve was silent this long is stale
+TEARDOWN_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunningGateway:
+    """A gateway this process runs: its control client, the controller actor, and the admin token."""
+
+    client: ControlClient
+    controller: Any
+    token_path: Path
+    admin_token: str
+    url: str
+
+
+def capacity_of(config: TpgateConfig) -> Capacity:
+    return Capacity(model=load_model(config.model), gpu=find_gpu(config.gpu, config.catalog()), gpus=config.gpus,
+                    gpus_per_node=config.node_size)
+
+
+@contextlib.contextmanager
+def running_gateway(
+    config: TpgateConfig,
+    *,
+    initial: DesiredState,
+    reset_state: bool,
+    api_key_classes: Mapping[str, str | None],
+    say: Callable[[str], None],
+) -> Iterator[RunningGateway]:
+    """Run the gateway for the duration of the block (see the module's docstring)."""
+    token_path = ensure_admin_token(config.auth.admin_token_file)
+    admin_token = read_admin_token(token_path)
+    if reset_state:
+        StateStore(config.state_file).reset()
+    capacity = capacity_of(config)
+    # after ray.init, which installs a SIGTERM handler of its own that aborts the process mid-teardown
+    with ray_cluster(config) as started_ray, interrupt_on_signals():
+        from ray import serve
+
+        from gateway.cluster import builders
+
+        serve.start(http_options={"host": config.server.host, "port": config.server.port})
+        client = ControlClient(name=builders.CONTROLLER_NAME, namespace=builders.NAMESPACE)
+        controller = None
+        try:
+            controller = controller_for(builders.controller_settings(config, capacity), builders.pool_deployer(config),
+                                        say=say)
+            description = sync_call(client.describe())
+            if description["store_error"]:
+                raise UserError(description["store_error"])
+            if reset_state or not description["restored"]:
+                sync_call(client.apply(initial))
+            else:
+                say(f"restored {description['pools']} pools and {description['routes']} routes (state version "
+                    f"{description['version']}) from {config.state_file}; the configuration's pools and routes "
+                    f"seed only an empty store (--reset-state starts from them)")
+                sync_call(controller.reconcile.remote(now=True))
+            builders.deploy_router(config, builders.router_settings(
+                config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
+            yield RunningGateway(client, controller, token_path, admin_token,
+                                 f"http://{config.server.host}:{config.server.port}")
+        except KeyboardInterrupt:
+            say("stopping")
+            raise
+        finally:
+            teardown(client, controller, config, started_ray=started_ray)
+
+
+def controller_for(settings: Any, deployer: Any, *, say: Callable[[str], None]) -> Any:
+    """The controller for this gateway: the one in the cluster when it has the same settings and its
+    ``tpgate serve`` is gone, or a new one (a stale controller with other settings is replaced, saying so)."""
+    import ray
+
+    from gateway.cluster import builders
+
+    existing = builders.find_controller()
+    if existing is not None:
+        try:
+            info = ray.get(existing.describe.remote(), timeout=10)
+        except Exception:  # dead or unreachable: replaced below
+            info = None
+        if info is not None and info["owner_silent_s"] is not None and info["owner_silent_s"] < OWNER_SILENT_AFTER_S:
+            raise UserError(f"another tpgate serve ({info['owner']}) runs the gateway of this Ray cluster; "
+                            f"stop it first")
+        if info is not None and info["digest"] == settings.digest:
+            say(f"reusing the controller of an earlier tpgate serve (epoch {info['epoch']}, "
+                f"state version {info['version']})")
+            heartbeat(existing)
+            return existing
+        say("replacing a stale controller left by an earlier tpgate serve with other settings")
+        builders.kill_controller(existing)
+        deadline = time.monotonic() + 30
+        while builders.find_controller() is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    controller = builders.create_controller(settings, deployer)
+    heartbeat(controller)
+    return controller
+
+
+def heartbeat(controller: Any) -> None:
+    """Tell the controller this process still runs its gateway."""
+    import ray
+
+    with contextlib.suppress(Exception):  # the controller restarting: the next beat tells it again
+        ray.get(controller.heartbeat.remote(OWNER), timeout=5)
+
+
+def sync_call(awaitable: Awaitable[Any]) -> Any:
+    """Run one control-client call (or await a Ray object ref) from synchronous code."""
+    async def call() -> Any:
+        return await awaitable
+
+    try:
+        return asyncio.run(call())
+    except StateRejected as exc:
+        raise UserError(str(exc)) from None
+
+
+def teardown(client: ControlClient, controller: Any, config: TpgateConfig, *, started_ray: bool) -> None:
+    """Delete the router and the pools this gateway deployed (all at once; each pool stops its engines), then
+    the controller. Other Serve applications in the cluster are left alone."""
+    from ray import serve
+
+    from gateway.cluster.builders import ROUTER_APP, kill_controller, pool_app_name
+
+    try:
+        pool_ids = sync_call(client.owned_applications())
+    except Exception:  # no controller: what the store says this gateway runs
+        stored = _stored_state(config)
+        pool_ids = list(stored.state.pools) if stored is not None else []
+    ours = {ROUTER_APP, *map(pool_app_name, pool_ids)}
+
+    def running() -> list[str]:
+        return [name for name in serve.status().applications if name in ours]
+
+    with contextlib.suppress(Exception):
+        for name in running():
+            serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if controller is not None:
+        with contextlib.suppress(Exception):
+            kill_controller(controller)
+    if started_ray:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+
+
+def _stored_state(config: TpgateConfig) -> StoredState | None:
+    try:
+        return StateStore(config.state_file).load()
+    except StoreError:
+        return None
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, whatever was inherited."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.stdout.flush()
