@@ -69,12 +69,19 @@ def _print_banner(config: TpgateConfig, token_path: Any, *, state_summary: dict[
         lines.append(f"  class {route}: " + ", ".join(f"{p} {w:.0%}" for p, w in weights.items()))
     lines += [
         f"  metrics: {base}/metrics   admin token: {token_path} (status: {base}/admin/status)",
+        f"  ray: {_ray_address()} (`tpgate serve --address` and Ray clients join here; Ray token auth applies)",
         "  try:",
         f"    curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\",
         f"      -d '{json.dumps(example)}'",
         "  Ctrl-C stops the gateway and everything it started.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _ray_address() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
 
 
 def _say(line: str) -> None:
