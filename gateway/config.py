@@ -211,6 +211,8 @@ class ApiKeyConfig(StrictModel):
 class AuthConfig(StrictModel):
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     admin_token_file: str = "~/.tpgate/admin-token"
+    ray_token_file: str = Field(default="~/.tpgate/ray-token",
+                                description="token of the Ray cluster tpgate starts (token authentication)")
 
 
 class TpgateConfig(BaseSettings):

@@ -86,7 +86,8 @@ def serve_gateway(workdir: Path, config_text: str, *, env: dict[str, str] | None
     """A real ``tpgate serve`` with ``config_text`` (formatted with ``token_file`` and ``state_file`` in
     ``workdir``), ready; stopped with SIGTERM at the end, which must leave no engine running."""
     config = workdir / "tpgate.yaml"
-    config.write_text(config_text.format(token_file=workdir / "admin-token", state_file=workdir / "state.json"))
+    config.write_text(config_text.format(token_file=workdir / "admin-token", state_file=workdir / "state.json",
+                                         ray_token_file=workdir / "ray-token"))
     port = free_port()
     log_path = workdir / "serve.log"
     with open(log_path, "w") as log:

@@ -42,16 +42,29 @@ def resolve_api_keys(config: TpgateConfig, environ: Mapping[str, str]) -> dict[s
 def ensure_admin_token(path_text: str) -> Path:
     """The admin token file, created with a random token and mode 0600 if missing; refused if others can
     read it."""
+    return ensure_secret_file(path_text, what="the admin token file", secret=secrets.token_urlsafe(32))
+
+
+def ensure_secret_file(path_text: str, *, what: str, secret: str) -> Path:
+    """A private file holding a secret: created with ``secret`` (mode 0600, in a 0700 directory) if missing;
+    refused if others can read it."""
     path = Path(path_text).expanduser()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+            handle.write(secret + "\n")
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UserError(f"{path}: the admin token file must not be readable by others (chmod 600 {path})")
+        raise UserError(f"{path}: {what} must not be readable by others (chmod 600 {path})")
     return path
+
+
+def ray_auth_environment(config: TpgateConfig) -> dict[str, str]:
+    """Variables that turn on Ray's token authentication with tpgate's own private token (created if missing).
+    Ray's processes inherit them; a client joining the cluster needs the same two."""
+    path = ensure_secret_file(config.auth.ray_token_file, what="the Ray token file", secret=secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def read_admin_token(path: Path) -> str:
@@ -74,6 +87,8 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
             cleanup.callback(shutil.rmtree, haproxy_dir, ignore_errors=True)
             os.environ.update(haproxy_env)
         started = config.ray_address is None
+        if started:  # a cluster we join keeps its own authentication settings (the operator's environment)
+            os.environ.update(ray_auth_environment(config))
         kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False,
                                   "logging_level": logging.WARNING, "log_to_driver": False}
         if started:

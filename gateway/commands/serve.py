@@ -69,7 +69,7 @@ def _print_banner(config: TpgateConfig, token_path: Any, *, state_summary: dict[
         lines.append(f"  class {route}: " + ", ".join(f"{p} {w:.0%}" for p, w in weights.items()))
     lines += [
         f"  metrics: {base}/metrics   admin token: {token_path} (status: {base}/admin/status)",
-        f"  ray: {_ray_address()} (`tpgate serve --address` and Ray clients join here; Ray token auth applies)",
+        f"  ray: {_ray_address()} (join with RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={config.auth.ray_token_file})",
         "  try:",
         f"    curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\",
         f"      -d '{json.dumps(example)}'",

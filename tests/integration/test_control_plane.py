@@ -40,6 +40,7 @@ routes:
   batch: {{keep-tp1: 1.0}}
 auth:
   admin_token_file: {token_file}
+  ray_token_file: {ray_token_file}
 state_file: {state_file}
 """
 MODEL = "llama-3-8b"
@@ -50,11 +51,16 @@ def gateway(tmp_path_factory):
     import ray
 
     with serve_gateway(tmp_path_factory.mktemp("control-plane"), CONFIG) as running:
-        ray.init(address=running.ray_address(), namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-        try:
-            yield running
-        finally:
-            ray.shutdown()
+        port = running.ray_address().rsplit(":", 1)[1]
+        token = running.log_path.parent / "ray-token"
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("RAY_AUTH_MODE", "token")
+            env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+            ray.init(address=f"127.0.0.1:{port}", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+            try:
+                yield running
+            finally:
+                ray.shutdown()
 
 
 @pytest.fixture
