@@ -77,6 +77,10 @@ def read_admin_token(path: Path) -> str:
 @contextlib.contextmanager
 def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
     """Start Ray (or join ``config.ray_address``); yields whether this process started it."""
+    started = config.ray_address is None
+    if started:  # a cluster we join keeps its own authentication settings (the operator's environment)
+        # before Ray is imported: it reads its authentication mode from the environment once
+        os.environ.update(ray_auth_environment(config))
     import ray
 
     with contextlib.ExitStack() as cleanup:
@@ -86,9 +90,6 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
                 front_host=config.server.host, front_port=config.server.port, environ=os.environ)
             cleanup.callback(shutil.rmtree, haproxy_dir, ignore_errors=True)
             os.environ.update(haproxy_env)
-        started = config.ray_address is None
-        if started:  # a cluster we join keeps its own authentication settings (the operator's environment)
-            os.environ.update(ray_auth_environment(config))
         kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False,
                                   "logging_level": logging.WARNING, "log_to_driver": False}
         if started:
