@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.processes import alive, engine_pids, free_port, wait_until
+
+# One Ray token for every gateway the tests start, set before anything imports Ray (it reads its
+# authentication mode once): the test process then joins those clusters as a client, as an operator would.
+RAY_TOKEN_FILE = Path(tempfile.mkdtemp(prefix="tpgate-tests-")) / "ray-token"
+RAY_TOKEN_FILE.write_text(secrets.token_hex(32) + "\n")
+RAY_TOKEN_FILE.chmod(0o600)
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(RAY_TOKEN_FILE)})
 
 API_KEY = "sk-test-interactive"
 BATCH_KEY = "sk-test-batch"
@@ -87,7 +96,7 @@ def serve_gateway(workdir: Path, config_text: str, *, env: dict[str, str] | None
     ``workdir``), ready; stopped with SIGTERM at the end, which must leave no engine running."""
     config = workdir / "tpgate.yaml"
     config.write_text(config_text.format(token_file=workdir / "admin-token", state_file=workdir / "state.json",
-                                         ray_token_file=workdir / "ray-token"))
+                                         ray_token_file=RAY_TOKEN_FILE))
     port = free_port()
     log_path = workdir / "serve.log"
     with open(log_path, "w") as log:

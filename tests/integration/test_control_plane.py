@@ -51,16 +51,12 @@ def gateway(tmp_path_factory):
     import ray
 
     with serve_gateway(tmp_path_factory.mktemp("control-plane"), CONFIG) as running:
-        port = running.ray_address().rsplit(":", 1)[1]
-        token = running.log_path.parent / "ray-token"
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("RAY_AUTH_MODE", "token")
-            env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-            ray.init(address=f"127.0.0.1:{port}", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-            try:
-                yield running
-            finally:
-                ray.shutdown()
+        port = running.ray_address().rsplit(":", 1)[1]  # the token: tests/conftest.py's, set for the session
+        ray.init(address=f"127.0.0.1:{port}", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+        try:
+            yield running
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture
@@ -133,7 +129,7 @@ async def test_killing_the_controller_under_load_loses_no_request_and_changes_re
     assert load.outcomes and set(load.outcomes) == {200}, [o for o in load.outcomes if o != 200][:5]
     assert len(load.outcomes) > served_while_down  # requests kept flowing on the routers' last table
     # changes resume: a new pool and a trial route to it serve requests
-    await client.add_pool((await _spec_like(client, "keep-tp1", "extra-tp1")))
+    await client.add_pool(await _spec_like(client, "keep-tp1", "extra-tp1"))
     await client.wait_ready("extra-tp1", timeout_s=120)
     await client.set_route("trial-after-restart", {"extra-tp1": 1.0}, trial_class="interactive")
     wait_until(lambda: _serves(gateway, "trial-after-restart"), timeout_s=20, what="the router to take the change")
