@@ -134,6 +134,7 @@ class Controller:
         self._background_started = False
         self._phases: dict[str, _PoolPhase] = {}
         self._deployed_at: dict[str, float] = {}
+        self._deleting: dict[str, asyncio.Event] = {}  # pools whose application is being deleted
         self._probe_failures: dict[str, int] = {}
         self._started_at = clock()
         self._desired = DesiredState()
@@ -361,7 +362,7 @@ class Controller:
 
     def owned_applications(self) -> list[str]:
         """Pool ids this controller deployed or is draining: what teardown must delete."""
-        return sorted(set(self._deployed_at) | set(self._desired.pools) | self._drains.draining())
+        return sorted(set(self._deployed_at) | set(self._desired.pools) | self._drains.draining() | set(self._deleting))
 
     # --- internals: writes -----------------------------------------------------------------------------------
 
@@ -398,6 +399,8 @@ class Controller:
             done.append(pool)
 
     async def _deploy(self, pool: PoolSpec) -> None:
+        if pool.id in self._deleting:  # re-added while its application is being deleted: deploy after that
+            await self._deleting[pool.id].wait()
         self._drains.stop(pool.id)
         self._phases[pool.id] = _PoolPhase("deploying", f"{pool.replicas} x tp{pool.tp}")
         self._events.add("pool.deploying", f"pool {pool.id}: deploying {pool.replicas} x tp{pool.tp}", pool=pool.id)
@@ -474,28 +477,32 @@ class Controller:
             if verdict != "wait":
                 break
             await asyncio.sleep(DRAIN_POLL_S)
-        async with self._write_lock:
+        async with self._write_lock:  # decided under the lock; the slow delete runs outside it
             if pool_id not in self._drains.draining() or pool_id in self._desired.pools:
                 return  # re-added while we waited for the lock
             took_s = self._clock() - self._drains.started_at(pool_id)
             inflight = self._drains.inflight(pool_id, now_s=self._clock())
-            try:
-                await asyncio.to_thread(self._deployer.delete, pool_id)
-            except Exception as exc:  # the reconcile loop deletes the orphan later
-                self._events.add("reconcile.failed", f"pool {pool_id}: delete failed: {exc}", pool=pool_id)
-                return
-            finally:
-                self._drains.stop(pool_id)
+            self._drains.stop(pool_id)
+            deleted = self._deleting[pool_id] = asyncio.Event()
+        try:
+            await asyncio.to_thread(self._deployer.delete, pool_id)
+        except Exception as exc:  # the reconcile loop deletes the orphan later
+            self._events.add("reconcile.failed", f"pool {pool_id}: delete failed: {exc}", pool=pool_id)
+            return
+        finally:
+            del self._deleting[pool_id]
+            deleted.set()
+        if pool_id not in self._desired.pools:  # not re-added (a re-add waits for this delete, then deploys)
             self._endpoints.drop_pool(pool_id)
             self._phases.pop(pool_id, None)
             self._deployed_at.pop(pool_id, None)
-            if verdict == "deadline":
-                self._events.add("drain.deadline", f"pool {pool_id}: deleted at the drain deadline "
-                                 f"({took_s:.1f} s) with {inflight} requests still reported", pool=pool_id)
-            else:
-                self._events.add("drain.finished", f"pool {pool_id}: drained and deleted after {took_s:.1f} s",
-                                 pool=pool_id)
-            self._bump()
+        if verdict == "deadline":
+            self._events.add("drain.deadline", f"pool {pool_id}: deleted at the drain deadline "
+                             f"({took_s:.1f} s) with {inflight} requests still reported", pool=pool_id)
+        else:
+            self._events.add("drain.finished", f"pool {pool_id}: drained and deleted after {took_s:.1f} s",
+                             pool=pool_id)
+        self._bump()
 
     # --- internals: background loops ------------------------------------------------------------------------
 
@@ -546,7 +553,7 @@ class Controller:
             repairs = plan_repairs(
                 desired=self._desired.pools,
                 running=running,
-                draining=self._drains.draining(),
+                draining=self._drains.draining() | set(self._deleting),
                 recently_deployed=set() if now else {p for p, at in self._deployed_at.items()
                                                      if clock_s - at < self._settings.reconcile_grace_s},
             )

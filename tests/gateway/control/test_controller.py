@@ -346,3 +346,25 @@ async def test_status_reports_progress_and_structured_events(controller):
     assert status["gpus"] == {"budget": 4, "used": 4, "free": 0}
     ready = [e for e in status["events"] if e["kind"] == "replica.ready"]
     assert ready[0]["pool"] == "a" and "r1" in ready[0]["message"] and ready[0]["at_s"] > 1e9
+
+
+async def test_a_slow_delete_does_not_hold_up_other_writers(controller, deployer, clock):
+    await controller.apply(two_pools())
+    slow_delete = threading.Event()
+    original = deployer.delete
+
+    def delete(pool_id):
+        slow_delete.wait(5)
+        original(pool_id)
+
+    deployer.delete = delete
+    await controller.remove_pool("b")  # no router ever reported: drained after one report period
+    clock.now += 5
+    await asyncio.sleep(0.5)  # the delete has started and blocks in its thread
+    await asyncio.wait_for(controller.set_route("trial-1", {"a": 1.0}, trial_class="batch"), 1.0)
+    readd = asyncio.create_task(controller.add_pool(make_pool("b", tp=2)))
+    await asyncio.sleep(0.2)
+    assert not readd.done()  # a re-add waits for the old application to go, then deploys it anew
+    slow_delete.set()
+    await asyncio.wait_for(readd, 5)
+    assert deployer.deleted == ["b"] and deployer.deployed[-1] == ("b", 1) and "b" in deployer.apps
