@@ -340,11 +340,12 @@ class Controller:
                 "message": phase.message,
                 "endpoints": endpoints,
             }
-        draining = {
-            pool_id: {"inflight": self._drains.inflight(pool_id, now_s=now),
+        draining: dict[str, dict[str, Any]] = {
+            pool_id: {"phase": "draining", "inflight": self._drains.inflight(pool_id, now_s=now),
                       "for_s": round(now - self._drains.started_at(pool_id), 1)}
             for pool_id in sorted(self._drains.draining())
         }
+        draining.update({pool_id: {"phase": "deleting"} for pool_id in self._deleting})
         budget = self._settings.capacity.gpus
         return {
             "version": self._version,
