@@ -174,7 +174,8 @@ async def test_a_long_stream_on_a_pool_being_removed_finishes_intact(gateway, cl
     assert not any(b'"error"' in e for e in result["events"])
     content = [json.loads(e[6:]) for e in result["events"][:-1]]
     assert content[-1]["choices"][0]["finish_reason"] == "length"
-    wait_until(lambda: "going-tp1" not in gateway.status()["draining"], timeout_s=30, what="the drain to end")
+    wait_until(lambda: "going-tp1" not in gateway.status()["draining"], timeout_s=90,
+               what="the pool to be drained and deleted")
     events = [(e["kind"], e["pool"]) for e in gateway.status()["events"]]
     assert ("drain.finished", "going-tp1") in events and ("drain.deadline", "going-tp1") not in events
 
