@@ -110,7 +110,11 @@ def own_gateway(config: TpgateConfig) -> Iterator[GatewayHandle]:
     from tuner import GatewayHandle
 
     with tempfile.TemporaryDirectory(prefix="tpgate-tune-") as scratch:
+        engine = config.engine
+        if engine.kind == "sim":  # an offline study on simulated engines runs their clocks faster
+            engine = engine.model_copy(update={"time_scale": config.tuning.sim_time_scale})
         own = config.model_copy(update={
+            "engine": engine,
             "state_file": str(Path(scratch) / "state.json"),
             "server": config.server.model_copy(update={"host": "127.0.0.1", "port": free_loopback_port()}),
         })
