@@ -224,7 +224,7 @@ async def test_back_to_back_steps_keep_the_models_step_time_despite_a_jittery_lo
         await jittery.stop()
     tpot = [(s.finished_s - s.first_token_s) / 49 for s in seqs]
     assert all(t == pytest.approx(tpot[0], rel=0.05) for t in tpot)
-    assert tpot[0] < 0.02  # about 10 ms: the model's step time, not inflated by the 3 ms of jitter x the time scale of 10
+    assert tpot[0] < 0.02  # about 10 ms, the model's step time: not inflated by 3 ms of jitter x a scale of 10
 
 
 async def test_scaled_clock_never_goes_back_past_a_time_it_reported():
