@@ -75,7 +75,7 @@ def _print_banner(config: TpgateConfig, gateway: RunningGateway, *, state_summar
         "  try:",
         f"    curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\",
         f"      -d '{json.dumps(example)}'",
-        f"  ready when {base}/health answers 200 (and 'tpgate: ready' below)",
+        f"  readiness: {base}/health answers 200 once every class has a ready replica",
         "  Ctrl-C stops the gateway and everything it started (in-flight requests finish; Ctrl-C again ends them).",
     ]
     print("\n".join(lines), flush=True)
