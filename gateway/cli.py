@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "load": "gateway.commands.load",
     "serve": "gateway.commands.serve",
     "tune": "gateway.commands.tune",
+    "admin": "gateway.commands.admin",
 }
 
 
