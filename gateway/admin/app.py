@@ -12,6 +12,7 @@ declares the bearer scheme on each operation.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from gateway.admin.models import (
     PoolIn,
     PoolOut,
     PromoteIn,
+    PromotionIn,
     PromotionOut,
     RouteIn,
     StudyDetail,
@@ -64,6 +66,7 @@ class ControlBackend(Protocol):
     async def promotion(self, promotion_id: str) -> dict[str, Any]: ...
     async def abort_promotion(self, promotion_id: str, reason: str = ...) -> dict[str, Any]: ...
     async def rollback_class(self, class_name: str) -> dict[str, Any]: ...
+    async def start_promotion(self, class_name: str, pool: PoolSpec, *, source: str) -> dict[str, Any]: ...
 
 
 class TuningBackend(Protocol):
@@ -191,6 +194,18 @@ def build_app(config: TpgateConfig, capacity: Capacity, control: ControlBackend,
              summary="Every promotion remembered")
     async def list_promotions() -> list[dict[str, Any]]:
         return await control.promotions()
+
+    @app.post("/admin/promotions", response_model=PromotionOut, status_code=202, tags=["promotions"],
+              summary="Promote a configuration of your choice (a new pool) to a class, staged and judged")
+    async def promote_configuration(body: PromotionIn) -> dict[str, Any]:
+        known_class(body.class_name)
+        pool_id = body.id or f"{body.class_name}-tp{body.tp}x{body.replicas}-{uuid.uuid4().hex[:4]}".lower()
+        pool = PoolSpec(id=pool_id, replicas=body.replicas, engine=engine_spec(config, body.tp, body.knobs))
+        try:
+            validate_pool(pool, capacity)
+        except StateError as exc:
+            raise ApiError(400, str(exc)) from None
+        return await control.start_promotion(body.class_name, pool, source="api")
 
     @app.get("/admin/promotions/{promotion_id}", response_model=PromotionOut, tags=["promotions"],
              summary="A promotion: phase, step, weights, each step's verdict")

@@ -65,6 +65,19 @@ class PoolIn(_In):
     knobs: EngineKnobs = Field(default_factory=EngineKnobs)
 
 
+class PromotionIn(_In):
+    """Promote a configuration of your choice: ``class`` moves to a new pool of ``tp`` x ``replicas`` with
+    ``knobs``, in the configured steps, judged at each."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_name: str = Field(alias="class")
+    id: str | None = Field(default=None, description="the new pool's id (default: <class>-tp<N>x<R>-<4 hex>)")
+    tp: int = Field(ge=1)
+    replicas: int = Field(default=1, ge=1)
+    knobs: EngineKnobs = Field(default_factory=EngineKnobs)
+
+
 class RouteIn(_In):
     """A class's route: pool id -> share of the class's traffic (the shares sum to 1)."""
 

@@ -185,3 +185,17 @@ async def test_bad_study_requests_are_400(admin):
 async def test_rollback_without_a_promotion_is_409(admin):
     status, body = await admin.call("POST", "/admin/routes/batch/rollback")
     assert status == 409 and body["error"]["message"] == "class 'batch' has no promotion to roll back"
+
+
+async def test_a_configuration_of_ones_choice_is_promoted(admin):
+    status, body = await admin.call("POST", "/admin/promotions", json={"class": "batch", "tp": 3})
+    assert status == 400 and "not divisible by 3" in body["error"]["message"]
+    status, body = await admin.call("POST", "/admin/promotions", json={"class": "batch", "tp": 4})
+    assert status == 409 and "no room for the new pool" in body["error"]["message"]
+    status, promotion = await admin.call("POST", "/admin/promotions", json={"class": "batch", "id": "bat-2",
+                                                                            "tp": 1, "replicas": 2})
+    assert status == 202 and promotion["candidate"]["id"] == "bat-2" and promotion["source"] == "api"
+    status, listed = await admin.call("GET", "/admin/promotions")
+    assert [p["id"] for p in listed] == [promotion["id"]]
+    status, rolled = await admin.call("POST", "/admin/routes/batch/rollback")
+    assert status == 202 and rolled["phase"] == "rolled_back" and rolled["reason"] == "rolled back by the operator"
