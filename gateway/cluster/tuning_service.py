@@ -193,6 +193,7 @@ class TuningService:
                 space = build_space(config, class_name, gpus_free=gpus)
             except UserError as exc:
                 raise StudyConflict(f"{exc} ({counted})") from None
+            await asyncio.to_thread(_prepare_storage, self.storage)
             study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
             reference: dict[str, Any] = {
                 "id": study_id, "class": class_name, "study_name": f"online-{study_id}", "storage": self.storage,
@@ -377,6 +378,13 @@ def _describe_record(record: Any) -> dict[str, Any]:
             "gpus": record.candidate.gpus, "outcome": record.outcome, "reason": record.reason,
             "objectives": None if record.objectives is None else list(record.objectives), "measured": figures,
             "guided": record.guided}
+
+
+def _prepare_storage(url: str) -> None:
+    """Create the storage's tables now, once: a study starting and a reader polling it must not both try."""
+    import optuna
+
+    optuna.storages.RDBStorage(url)
 
 
 def _read_trials(reference: Mapping[str, Any], config: TpgateConfig) -> tuple[list[dict[str, Any]],
