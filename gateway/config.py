@@ -144,6 +144,8 @@ class TuningConfig(StrictModel):
     window_s: float = Field(default=20.0, gt=0, description="the measured window (wall seconds)")
     trial_timeout_s: float = Field(default=600.0, gt=0, description="deploy, ready, warm-up and window together")
     guided_trials: int = Field(default=3, ge=0, description="first trials taken from the performance model's ranking")
+    sim_time_scale: float = Field(default=10.0, gt=0, le=1000,
+                                  description="tpgate tune's own gateway runs simulated engines this much faster")
     max_clock_lag_ratio: float = Field(default=0.15, ge=0, lt=1,
                                        description="simulated engines: clock lag corrected up to this, else invalid")
     prometheus_url: str | None = Field(default=None, description="default: start a Prometheus server on loopback")
@@ -239,6 +241,8 @@ class ApiKeyConfig(StrictModel):
 class AuthConfig(StrictModel):
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     admin_token_file: str = "~/.tpgate/admin-token"
+    ray_token_file: str = Field(default="~/.tpgate/ray-token",
+                                description="token of the Ray cluster tpgate starts (token authentication)")
 
 
 class TpgateConfig(BaseSettings):

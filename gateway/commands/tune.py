@@ -71,8 +71,9 @@ def run(args: argparse.Namespace, *, gateway_factory: GatewayFactory | None = No
         if gateway_factory is not None:
             result = asyncio.run(_tune(config, class_name, args, storage=storage, factory=gateway_factory))
         else:
-            with own_gateway(config) as handle:
-                result = asyncio.run(_tune(config, class_name, args, storage=storage, factory=_given(handle)))
+            with own_gateway(config) as (handle, study_config):
+                result = asyncio.run(_tune(study_config, class_name, args, storage=storage,
+                                           factory=_given(handle)))
     except KeyboardInterrupt:
         print(f"\ntpgate tune: interrupted; the study is saved in {storage}: run the same command to resume",
               file=sys.stderr)
@@ -100,9 +101,10 @@ def validated(args: argparse.Namespace) -> tuple[TpgateConfig, str]:
 
 
 @contextlib.contextmanager
-def own_gateway(config: TpgateConfig) -> Iterator[GatewayHandle]:
+def own_gateway(config: TpgateConfig) -> Iterator[tuple[GatewayHandle, TpgateConfig]]:
     """A gateway of the study's own, as ``tpgate serve`` starts one but with no production pools or routes (the
-    whole GPU budget is the study's), on a free loopback port and a state file of its own, stopped at the end."""
+    whole GPU budget is the study's), on a free loopback port and a state file of its own, stopped at the end.
+    Yields it with the configuration it runs (simulated engines at ``tuning.sim_time_scale``)."""
     from gateway.cluster.lifecycle import running_gateway
     from gateway.cluster.procutil import free_loopback_port
     from gateway.cluster.runtime import resolve_api_keys
@@ -110,14 +112,18 @@ def own_gateway(config: TpgateConfig) -> Iterator[GatewayHandle]:
     from tuner import GatewayHandle
 
     with tempfile.TemporaryDirectory(prefix="tpgate-tune-") as scratch:
+        engine = config.engine
+        if engine.kind == "sim":  # an offline study on simulated engines runs their clocks faster
+            engine = engine.model_copy(update={"time_scale": config.tuning.sim_time_scale})
         own = config.model_copy(update={
+            "engine": engine,
             "state_file": str(Path(scratch) / "state.json"),
             "server": config.server.model_copy(update={"host": "127.0.0.1", "port": free_loopback_port()}),
         })
         with running_gateway(own, initial=DesiredState(), reset_state=True, tuning_service=False,
                              api_key_classes=resolve_api_keys(own, os.environ), say=_say) as gateway:
             _say(f"a gateway of its own on {gateway.url} ({own.gpus} x {own.gpu}, {own.engine.kind} engines)")
-            yield GatewayHandle(control=gateway.client, admin_token=gateway.admin_token)
+            yield GatewayHandle(control=gateway.client, admin_token=gateway.admin_token), own
 
 
 def _given(handle: GatewayHandle) -> GatewayFactory:

@@ -200,6 +200,14 @@ class ControlClient:
         """A router's series of the classes under promotion; returns what to report next (see the controller)."""
         wanted: dict[str, Any] = await self._call("report_metrics", router_id, samples)
         return wanted
+    async def set_stop_phase(self, phase: str) -> int:
+        """The gateway is stopping (see :meth:`gateway.control.controller.Controller.set_stop_phase`)."""
+        return int(await self._call("set_stop_phase", phase))
+
+    async def inflight(self) -> dict[str, Any]:
+        """Requests in flight at the live routers: ``requests``, ``routers``, ``current``."""
+        inflight: dict[str, Any] = await self._call("inflight")
+        return inflight
 
     async def owned_applications(self) -> list[str]:
         owned: list[str] = await self._call("owned_applications")

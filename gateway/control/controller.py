@@ -51,7 +51,7 @@ from gateway.control.state import (
     validate_state,
 )
 from gateway.control.store import StateStore, StoredState, StoreError
-from gateway.dataplane.routing import Endpoint, PoolView, RouteSlo, RoutingTable
+from gateway.dataplane.routing import STOP_PHASES, Endpoint, PoolView, RouteSlo, RoutingTable, StopPhase
 from gateway.exposition import Samples
 
 logger = logging.getLogger("tpgate.controller")
@@ -140,6 +140,7 @@ class Controller:
         self._background_started = False
         self._phases: dict[str, _PoolPhase] = {}
         self._deployed_at: dict[str, float] = {}
+        self._deleting: dict[str, asyncio.Event] = {}  # pools whose application is being deleted
         self._probe_failures: dict[str, int] = {}
         self._started_at = clock()
         self._desired = DesiredState()
@@ -149,6 +150,8 @@ class Controller:
         self.restored = False
         self._owner = ""  # the `tpgate serve` process that runs this gateway, and when it last said so
         self._owner_seen_at: float | None = None
+        self._stop_phase: StopPhase = ""  # not persisted: a stop concerns this run of the gateway only
+        self._stop_version = 0  # the table version that first carried the current stop phase
         stored = self._load_store()
         if stored is not None:
             self._desired, self._version, self._records = stored.state, stored.version, dict(stored.records)
@@ -178,6 +181,33 @@ class Controller:
     def heartbeat(self, owner: str) -> None:
         """The ``tpgate serve`` process running this gateway says it is alive (every few seconds)."""
         self._owner, self._owner_seen_at = owner, self._clock()
+
+    # --- stopping -------------------------------------------------------------------------------------------
+
+    def set_stop_phase(self, phase: StopPhase) -> int:
+        """Tell the routers the gateway is stopping: ``"draining"`` refuses new requests while those in flight
+        finish, ``"ending"`` also ends those in flight, ``""`` serves again (a reused controller). Returns the
+        table version that carries the phase."""
+        if phase not in STOP_PHASES:
+            raise self._reject(f"unknown stop phase {phase!r} (one of {', '.join(map(repr, STOP_PHASES))})")
+        if phase != self._stop_phase:
+            self._stop_phase = phase
+            self._bump()
+            self._stop_version = self._version
+            self._events.add("gateway.stopping", f"stop phase {phase or 'serving'} (table v{self._version})")
+        return self._stop_version
+
+    def inflight(self) -> dict[str, Any]:
+        """Requests in flight or waiting at a gate, summed over the live routers (``requests``, ``routers``), and
+        whether every live router counted them under a table that carries the current stop phase (``current``):
+        until then a router may still admit a request it has not counted."""
+        self._ensure_background_tasks()
+        live = self._drains.live_reports(now_s=self._clock())
+        return {
+            "requests": sum(sum(report.inflight_by_pool.values()) for report in live),
+            "routers": len(live),
+            "current": all(r.epoch == self.epoch and r.version >= self._stop_version for r in live),
+        }
 
     # --- desired state (the one writer) ----------------------------------------------------------------------
 
@@ -373,6 +403,7 @@ class Controller:
             routes={name: dict(w) for name, w in desired.routes.items()},
             pools=pools,
             slos=slos,
+            stop_phase=self._stop_phase,
         )
 
     async def watch(self, epoch: str, version: int, timeout_s: float = 10.0) -> RoutingTable | None:
@@ -439,11 +470,12 @@ class Controller:
                 "message": phase.message,
                 "endpoints": endpoints,
             }
-        draining = {
-            pool_id: {"inflight": self._drains.inflight(pool_id, now_s=now),
+        draining: dict[str, dict[str, Any]] = {
+            pool_id: {"phase": "draining", "inflight": self._drains.inflight(pool_id, now_s=now),
                       "for_s": round(now - self._drains.started_at(pool_id), 1)}
             for pool_id in sorted(self._drains.draining())
         }
+        draining.update({pool_id: {"phase": "deleting"} for pool_id in self._deleting})
         budget = self._settings.capacity.gpus
         return {
             "version": self._version,
@@ -463,7 +495,7 @@ class Controller:
 
     def owned_applications(self) -> list[str]:
         """Pool ids this controller deployed or is draining: what teardown must delete."""
-        return sorted(set(self._deployed_at) | set(self._desired.pools) | self._drains.draining())
+        return sorted(set(self._deployed_at) | set(self._desired.pools) | self._drains.draining() | set(self._deleting))
 
     # --- internals: writes -----------------------------------------------------------------------------------
 
@@ -501,6 +533,8 @@ class Controller:
             done.append(pool)
 
     async def _deploy(self, pool: PoolSpec) -> None:
+        if pool.id in self._deleting:  # re-added while its application is being deleted: deploy after that
+            await self._deleting[pool.id].wait()
         self._drains.stop(pool.id)
         self._phases[pool.id] = _PoolPhase("deploying", f"{pool.replicas} x tp{pool.tp}")
         self._events.add("pool.deploying", f"pool {pool.id}: deploying {pool.replicas} x tp{pool.tp}", pool=pool.id)
@@ -577,28 +611,32 @@ class Controller:
             if verdict != "wait":
                 break
             await asyncio.sleep(DRAIN_POLL_S)
-        async with self._write_lock:
+        async with self._write_lock:  # decided under the lock; the slow delete runs outside it
             if pool_id not in self._drains.draining() or pool_id in self._desired.pools:
                 return  # re-added while we waited for the lock
             took_s = self._clock() - self._drains.started_at(pool_id)
             inflight = self._drains.inflight(pool_id, now_s=self._clock())
-            try:
-                await asyncio.to_thread(self._deployer.delete, pool_id)
-            except Exception as exc:  # the reconcile loop deletes the orphan later
-                self._events.add("reconcile.failed", f"pool {pool_id}: delete failed: {exc}", pool=pool_id)
-                return
-            finally:
-                self._drains.stop(pool_id)
+            self._drains.stop(pool_id)
+            deleted = self._deleting[pool_id] = asyncio.Event()
+        try:
+            await asyncio.to_thread(self._deployer.delete, pool_id)
+        except Exception as exc:  # the reconcile loop deletes the orphan later
+            self._events.add("reconcile.failed", f"pool {pool_id}: delete failed: {exc}", pool=pool_id)
+            return
+        finally:
+            del self._deleting[pool_id]
+            deleted.set()
+        if pool_id not in self._desired.pools:  # not re-added (a re-add waits for this delete, then deploys)
             self._endpoints.drop_pool(pool_id)
             self._phases.pop(pool_id, None)
             self._deployed_at.pop(pool_id, None)
-            if verdict == "deadline":
-                self._events.add("drain.deadline", f"pool {pool_id}: deleted at the drain deadline "
-                                 f"({took_s:.1f} s) with {inflight} requests still reported", pool=pool_id)
-            else:
-                self._events.add("drain.finished", f"pool {pool_id}: drained and deleted after {took_s:.1f} s",
-                                 pool=pool_id)
-            self._bump()
+        if verdict == "deadline":
+            self._events.add("drain.deadline", f"pool {pool_id}: deleted at the drain deadline "
+                             f"({took_s:.1f} s) with {inflight} requests still reported", pool=pool_id)
+        else:
+            self._events.add("drain.finished", f"pool {pool_id}: drained and deleted after {took_s:.1f} s",
+                             pool=pool_id)
+        self._bump()
 
     # --- internals: background loops ------------------------------------------------------------------------
 
@@ -650,7 +688,7 @@ class Controller:
             repairs = plan_repairs(
                 desired=self._desired.pools,
                 running=running,
-                draining=self._drains.draining(),
+                draining=self._drains.draining() | set(self._deleting),
                 recently_deployed=set() if now else {p for p, at in self._deployed_at.items()
                                                      if clock_s - at < self._settings.reconcile_grace_s},
             )

@@ -36,6 +36,7 @@ KINDS = frozenset({
     "promotion.check",  # a step was judged and passed (the message has the figures)
     "promotion.succeeded",  # the class runs on the new pool; the old pools are drained and removed
     "promotion.rolled_back",  # the class went back to its old pools (the message is the reason)
+    "gateway.stopping",  # the gateway is stopping: routers refuse new requests, or also end those in flight
 })
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -423,7 +424,6 @@ async def test_a_kv_cache_that_holds_few_sequences_queues_and_a_larger_tp_queues
         tp2 = await waiting_under_load(url, **load)
     with engine(*flags, "--tp", "4") as (url, _):
         tp4 = await waiting_under_load(url, **load)
-    mean_tp2, mean_tp4 = sum(tp2) / len(tp2), sum(tp4) / len(tp4)
     assert max(tp2) >= 24  # at most six of the 32 ever ran together
-    assert mean_tp2 > 10
-    assert mean_tp4 < mean_tp2 / 3
+    assert statistics.median(tp2) > 10  # TP 2 keeps requests waiting for KV-cache blocks most of the time
+    assert statistics.median(tp4) == 0  # TP 4 only while the 32 prompts are prefilled, then never

@@ -1,12 +1,14 @@
 """Simulated time for the engine: the wall clock run ``time_scale`` times faster.
 
 The engine measures and reports everything (step times, TTFT, metrics) in simulated seconds, so its figures
-do not depend on the time scale. Whenever a sleep ends late (a busy CPU, the event loop's timer
-granularity), the clock is re-anchored at the step's simulated end instead of catching up with a burst of
-short steps; simulated time then runs a little slower than ``time_scale`` x real time, and step durations
-stay as the model says in simulated seconds. (If a request read the clock during the overrun, the anchor is
-that later reading instead: simulated time never runs backwards.) Seen from outside, latencies are at least
-the simulated ones divided by ``time_scale``.
+do not depend on the time scale. A sleep that ends a little late (the event loop's timer granularity, a short
+busy spell: up to ``max_lateness_s`` of wall time) costs nothing: the engine schedules its next step from the
+previous step's simulated end, so it catches up, and simulated time stays ``time_scale`` x real time. A longer
+stall (a CPU that cannot keep up) re-anchors the clock at the step's simulated end instead of catching up with a
+burst of steps; simulated time then runs slower than ``time_scale`` x real time — the lag the rate meter shows —
+and step durations stay as the model says in simulated seconds. (If a request read the clock during the
+overrun, the anchor is that later reading instead: simulated time never runs backwards.) Seen from outside,
+latencies are about the simulated ones divided by ``time_scale``.
 
 :class:`ClockRateMeter` measures how fast simulated time really ran (simulated seconds per wall second), over
 the engine's life and over a recent window, so that a busy machine shows.
@@ -20,6 +22,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+MAX_LATENESS_S = 0.05  # wall seconds a step may end late and still be caught up
 
 
 class Clock(Protocol):
@@ -37,12 +41,14 @@ class ScaledClock:
         self,
         time_scale: float = 1.0,
         *,
+        max_lateness_s: float = MAX_LATENESS_S,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not time_scale > 0:
             raise ValueError(f"time_scale must be positive, not {time_scale}")
         self.time_scale = time_scale
+        self.max_lateness_s = max_lateness_s
         self._monotonic = monotonic
         self._sleep = sleep
         self._real_anchor_s = monotonic()
@@ -59,9 +65,9 @@ class ScaledClock:
     async def sleep_until(self, deadline_s: float) -> None:
         wait_real_s = (deadline_s - self._scaled_now_s()) / self.time_scale
         await self._sleep(max(0.0, wait_real_s))
-        if self._scaled_now_s() > deadline_s:
-            # Late (a busy CPU, or the loop's timer granularity): the step ends at its deadline in simulated
-            # time, and the clock goes on from there instead of catching up.
+        if self._scaled_now_s() > deadline_s + self.max_lateness_s * self.time_scale:
+            # A stall: the step ends at its deadline in simulated time, and the clock goes on from there
+            # instead of catching up with a burst of steps.
             self._real_anchor_s = self._monotonic()
             self._sim_anchor_s = max(deadline_s, self._latest_read_s)
 

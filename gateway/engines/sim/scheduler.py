@@ -186,32 +186,43 @@ class Scheduler:
         )
 
     async def _run(self) -> None:
+        step_end_s: float | None = None
         while True:
             plan = self._batch.schedule()
             if plan.empty:
                 # Nothing can run (an empty engine): wait for an arrival, which changes the picture.
                 self._wake.clear()
                 await self._wake.wait()
+                step_end_s = None
                 continue
-            now_s = self._clock.now_s()
+            # Back to back, a step starts where the last one ended in simulated time, so a step that ended a
+            # little late in real time is caught up; after an idle wait, now. Never before a request it admits
+            # arrived.
+            start_s = self._clock.now_s() if step_end_s is None else step_end_s
             for chunk in plan.chunks:
                 seq = chunk.seq
                 assert isinstance(seq, Sequence)
                 if seq.admitted_s is None:
-                    seq.admitted_s = now_s
+                    start_s = max(start_s, seq.arrival_s)
+            for chunk in plan.chunks:
+                seq = chunk.seq
+                assert isinstance(seq, Sequence)
+                if seq.admitted_s is None:
+                    seq.admitted_s = start_s
             duration_s = self._cost.step_s(step_batch(plan))
-            await self._clock.sleep_until(now_s + duration_s)
+            step_end_s = start_s + duration_s
+            await self._clock.sleep_until(step_end_s)
             self._busy_s += duration_s
             self._evicted_blocks += plan.evicted_blocks
             self._preemptions += plan.preemptions
-            self._complete(plan)
+            self._complete(plan, ended_s=step_end_s)
             self._meter.sample()
 
-    def _complete(self, plan: StepPlan) -> None:
+    def _complete(self, plan: StepPlan, *, ended_s: float) -> None:
         self._steps += 1
         self._active_sum += len(plan.chunks)
         outcome = self._batch.complete(plan)
-        now_s = self._clock.now_s()
+        now_s = ended_s
         for seq in outcome.first_tokens:
             assert isinstance(seq, Sequence)
             seq.first_token_s = now_s
