@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "load": "gateway.commands.load",
     "serve": "gateway.commands.serve",
     "tune": "gateway.commands.tune",
+    "admin": "gateway.commands.admin",
 }
 
 

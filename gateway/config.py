@@ -10,6 +10,7 @@ an error. The YAML file is read by :func:`gateway.yamlfile.read_yaml_mapping`, w
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -156,6 +157,33 @@ class TuningConfig(StrictModel):
         return self
 
 
+class PromotionConfig(StrictModel):
+    """How a class moves to a new pool (a tuned winner): its traffic shifts in steps, and the new pool is judged on
+    its own metrics at each step; a failed check rolls back. Times are wall-clock seconds."""
+
+    steps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.1, 0.5, 1.0], min_length=1,
+        description="the new pool's share of the class's traffic at each step, increasing, ending at 1")
+    dwell_s: float = Field(default=30.0, gt=0, description="at least this long at each step before it is judged")
+    min_requests: int = Field(default=20, ge=1, description="new-pool requests a step needs before it is judged")
+    max_inconclusive_s: float = Field(
+        default=120.0, gt=0, description="a step still short of min_requests this long after it began rolls back")
+    ready_timeout_s: float = Field(default=600.0, gt=0, description="the new pool (each growth of it) ready by then")
+    max_latency_ratio: float = Field(
+        default=1.5, ge=1, description="the new pool's TTFT and TPOT p99 at most this times the old pool's")
+    error_rate_max: float | None = Field(
+        default=None, ge=0, le=1, description="default: the class's slo.error_rate_max, else 0.01")
+    max_5xx: int = Field(default=5, ge=1, description="this many 5xx answers from the new pool fail a step at once")
+    check_period_s: float = Field(default=2.0, gt=0, description="how often a step's window is judged")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_one(cls, steps: list[float]) -> list[float]:
+        if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 1:
+            raise ValueError(f"must increase and end at 1, not {steps}")
+        return steps
+
+
 def _default_classes() -> dict[str, WorkloadClassConfig]:
     return {
         "interactive": WorkloadClassConfig(
@@ -241,6 +269,7 @@ class TpgateConfig(BaseSettings):
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
     routes: dict[str, dict[str, float]] = Field(default_factory=dict)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @field_validator("gpu")
     @classmethod

@@ -89,6 +89,12 @@ class GatewayMetrics:
             "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
         self.state_version = Gauge(
             "tpgate_state_version", "Version of the controller state this router follows", registry=r)
+        self.promotion_step = Gauge(
+            "tpgate_promotion_step", "Step of the class's promotion in progress (1 = the first; 0 = its new pool "
+            "is coming up); no series when none runs", ["class"], registry=r)
+        self.promotion_weight = Gauge(
+            "tpgate_promotion_weight_ratio", "Share of the class's traffic its promotion has moved to the new pool",
+            ["class"], registry=r)
 
         self._series: dict[tuple[str, str], RouteSeries] = {}
         self._inflight: dict[tuple[str, str], Any] = {}

@@ -83,6 +83,18 @@ CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
+ADMIN_PREFIX = "/admin/"
+
+
+class AdminSurface(Protocol):
+    """What the router serves under ``/admin`` besides ``/admin/status`` (:mod:`gateway.admin`): an ASGI app that
+    lives as long as the router."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ControlPlane(Protocol):
@@ -148,8 +160,10 @@ class Router:
         metrics: GatewayMetrics | None = None,
         rng: random.Random | None = None,
         router_id: str | None = None,
+        admin: AdminSurface | None = None,
     ) -> None:
         self._settings = settings
+        self._admin = admin
         self._control = control
         self.metrics = metrics or GatewayMetrics()
         self._rng = rng or random.Random()
@@ -188,6 +202,9 @@ class Router:
         if scope["type"] != "http":
             return
         handler = self._handlers.get((scope["method"], scope["path"]))
+        if handler is None and self._admin is not None and scope["path"].startswith(ADMIN_PREFIX):
+            await self._admin(scope, receive, send)
+            return
         try:
             if handler is None:
                 if scope["path"] in self._paths:
@@ -213,9 +230,13 @@ class Router:
     async def start(self) -> None:
         self._session = new_session()
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+        if self._admin is not None:
+            await self._admin.start()
 
     async def stop(self) -> None:
         self._end_inflight()
+        if self._admin is not None:
+            await self._admin.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
