@@ -47,7 +47,8 @@ from gateway.dataplane.asgi import (
     send_error,
     send_json,
 )
-from gateway.dataplane.auth import api_key_class, require_admin
+from gateway.dataplane.auth import api_key_class, authorize, require_admin
+from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
 from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
@@ -107,6 +108,8 @@ class RouterSettings:
     queue_timeout_s: float = 2.0
     max_attempts: int = 3
     max_body_bytes: int = 8 * 1024 * 1024
+    body_read_timeout_s: float = 30.0
+    max_json_depth: int = 64
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
@@ -381,18 +384,14 @@ class Router:
             await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
-        key_class = api_key_class(scope, self._settings.api_key_classes)
-        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "request body must be a JSON object")
+        caller = authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
+        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes,
+                               timeout_s=self._settings.body_read_timeout_s)
+        payload = parse_json_object(body, max_depth=self._settings.max_json_depth)
         self._require_table()
         table = self._table
         route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
-                         key_class=key_class)
+                         key_class=caller.key_class, trial_allowed=caller.admin)
         request.route = route.route
         stream = request.stream = payload.get("stream") is True
         forward_usage = True
