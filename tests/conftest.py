@@ -50,6 +50,7 @@ router:
   queue_timeout_s: 0.2
 auth:
   admin_token_file: {token_file}
+  ray_token_file: {ray_token_file}
   api_keys:
     - {{key_env: E2E_API_KEY}}
     - {{key_env: E2E_BATCH_API_KEY, default_class: batch}}
