@@ -48,6 +48,7 @@ routes:
 router:
   max_inflight_per_replica: 8
   queue_timeout_s: 0.2
+  body_read_timeout_s: 2
 auth:
   admin_token_file: {token_file}
   ray_token_file: {ray_token_file}

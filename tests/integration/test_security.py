@@ -8,6 +8,7 @@ listener is beyond loopback; trial routes answer only the admin token.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import json
 import os
@@ -30,8 +31,6 @@ MODEL = "llama-3-8b"
 WRONG_KEY = "sk-not-a-key-but-a-secret-all-the-same"
 TRIAL_ROUTE = "trial-security-probe"
 RAY_JOIN_TIMEOUT_S = 120.0
-# Ray Serve's direct-ingress port ranges (ray.serve._private.constants): a replica serves the gateway's apps there
-SERVE_INGRESS_PORTS = (range(30000, 31000), range(40000, 41000))
 
 # Run in a clean interpreter without the test session's Ray token: calls the GCS's NodeInfo service with no token,
 # a wrong one, and the right one (the control that shows the call itself is sound).
@@ -181,40 +180,89 @@ def _owner(process: psutil.Process) -> str:
         return "tpgate " + argv[argv.index("gateway.cli") + 1]
     if argv and argv[0].startswith("ray::"):
         return argv[0].split()[0]
+    if name.startswith("python") and len(argv) > 1:
+        return " ".join(Path(arg).name for arg in argv[1:3])
     return name
 
 
-def _haproxy_backend_ports(tree: dict[int, psutil.Process]) -> set[int]:
-    ports = set()
-    for process in tree.values():
-        if _owner(process) != "haproxy":
-            continue
-        argv = process.cmdline()
-        for line in Path(argv[argv.index("-f") + 1]).read_text().splitlines():
-            words = line.split()
-            if words[:1] == ["server"] and len(words) > 2 and ":" in words[2]:
-                ports.add(int(words[2].rsplit(":", 1)[1]))
+def ray_registered_ports(gateway) -> dict[int, set[int]]:
+    """pid -> the ports Ray's GCS knows that process by (asked with the token): the GCS's own, each node's
+    (raylet, object manager, agents, metrics export), each actor's and each driver's core-worker port. Pid 0:
+    ports whose process the GCS does not name (a node's)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2 as pb
+    from ray.core.generated import gcs_service_pb2_grpc as rpc
+
+    address = gateway.ray_address()
+    metadata = (("authorization", "Bearer " + RAY_TOKEN_FILE.read_text().strip()),)
+    ports: dict[int, set[int]] = {0: {int(address.rsplit(":", 1)[1])}}
+    with grpc.insecure_channel(address) as channel:
+        nodes = rpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(pb.GetAllNodeInfoRequest(), metadata=metadata,
+                                                                   timeout=20)
+        actors = rpc.ActorInfoGcsServiceStub(channel).GetAllActorInfo(pb.GetAllActorInfoRequest(),
+                                                                      metadata=metadata, timeout=20)
+        jobs = rpc.JobInfoGcsServiceStub(channel).GetAllJobInfo(pb.GetAllJobInfoRequest(), metadata=metadata,
+                                                                timeout=20)
+    for node in nodes.node_info_list:
+        ports[0] |= {node.node_manager_port, node.object_manager_port, node.metrics_export_port,
+                     node.runtime_env_agent_port, node.metrics_agent_port, node.dashboard_agent_listen_port}
+    for actor in actors.actor_table_data:
+        ports.setdefault(actor.pid, set()).add(actor.address.port)
+    for job in jobs.job_info_list:
+        ports.setdefault(job.driver_pid, set()).add(job.driver_address.port)
     return ports
 
 
+def _grpc_checks_the_ray_token(port: int) -> bool:
+    """Whether the gRPC server on ``port`` is Serve's inter-deployment server and checks the Ray token: a call
+    without the token is UNAUTHENTICATED, the same call with it gets past the check."""
+    import grpc
+
+    def code(metadata: tuple[tuple[str, str], ...]) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                channel.unary_unary("/ray.serve.ASGIService/HandleRequest")(b"", metadata=metadata, timeout=5)
+                return "OK"
+            except grpc.RpcError as exc:
+                return str(exc.code().name)
+
+    token = (("authorization", "Bearer " + RAY_TOKEN_FILE.read_text().strip()),)
+    return code(()) == "UNAUTHENTICATED" and code(token) not in ("UNAUTHENTICATED", "UNIMPLEMENTED", "UNAVAILABLE")
+
+
+def _is_ray_process(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        argv = process.cmdline()
+        return bool(argv) and (argv[0].startswith("ray::") or any("/site-packages/ray/" in arg for arg in argv[:2]))
+    return False
+
+
 def classify_listeners(gateway) -> list[Listener]:
-    """Every listening TCP socket (IPv4 and IPv6) of the gateway's process tree, by owner: tpgate's own (the
-    gateway's port, HAProxy, the engines, the Serve replicas' ingress ports HAProxy forwards to), Ray's internal
-    services (GCS, raylet, agents, every worker's and the driver's core-worker port), or other."""
+    """Every listening TCP socket (IPv4 and IPv6) of the gateway's process tree:
+
+    - tpgate: HAProxy, the engines, the gateway's port, and a Serve replica's or proxy's listener that is not Ray's
+      (Serve's ingress for tpgate's applications);
+    - ray: a port Ray's GCS registered for that process or its node (GCS, raylet, agents, core workers, the driver
+      in tpgate serve), Serve's inter-deployment gRPC server shown to check the Ray token, or another listener of
+      a process of Ray's own (the dashboard head);
+    - other: anything else.
+    """
     tree = _process_tree(gateway.process.pid)
-    tpgate_ports = {int(gateway.url.rsplit(":", 1)[1])} | gateway.engine_ports() | _haproxy_backend_ports(tree)
+    registered = ray_registered_ports(gateway)
     found = []
     for conn in psutil.net_connections(kind="inet"):
         if conn.status != psutil.CONN_LISTEN or conn.pid not in tree:
             continue
-        owner = _owner(tree[conn.pid])
-        port = conn.laddr.port
-        if owner in ("haproxy", "tpgate engine") or port in tpgate_ports:
+        process, port = tree[conn.pid], conn.laddr.port
+        owner = _owner(process)
+        if owner in ("haproxy", "tpgate engine") or port == int(gateway.url.rsplit(":", 1)[1]):
             kind = "tpgate"
-        elif owner.startswith("ray::Serve") and any(port in ports for ports in SERVE_INGRESS_PORTS):
-            kind = "tpgate"  # a Serve replica's direct-ingress server: it serves tpgate's applications
-        elif owner.startswith("ray::") or owner in ("gcs_server", "raylet", "tpgate serve"):
-            kind = "ray"  # a core worker's gRPC port (the driver's, in tpgate serve), or a Ray service
+        elif port in registered.get(conn.pid, set()) or port in registered[0]:
+            kind = "ray"
+        elif owner.startswith(("ray::ServeReplica", "ray::ProxyActor")):
+            kind = "ray" if _grpc_checks_the_ray_token(port) else "tpgate"
+        elif _is_ray_process(process):
+            kind = "ray"
         else:
             kind = "other"
         found.append(Listener(conn.pid, owner, conn.laddr.ip, port, kind))
@@ -248,10 +296,12 @@ def _ray_metrics_ports(gateway) -> list[int]:
     ports = []
     for item in classify_listeners(gateway):
         if item.kind == "ray" and item.owner == "ray::DashboardAgent":
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{item.port}/metrics", timeout=5) as resp:
-                    if b"# TYPE" in resp.read(65536):
-                        ports.append(item.port)
+            url = f"http://127.0.0.1:{item.port}/metrics"
+            # a gRPC port answers no HTTP
+            with contextlib.suppress(OSError, ValueError, http.client.HTTPException), \
+                    urllib.request.urlopen(url, timeout=5) as resp:
+                if b"# TYPE" in resp.read(65536):
+                    ports.append(item.port)
     return ports
 
 
