@@ -172,6 +172,7 @@ class Router:
             ("GET", "/metrics"): self._metrics,
             ("GET", "/health"): self._health,
             ("GET", "/admin/status"): self._admin_status,
+            ("GET", "/admin/engine-targets"): self._engine_targets,
         }
         self._paths = {path for _, path in self._handlers}
         # in the handlers' order, the hot paths first: Serve tries them in turn on every request
@@ -334,6 +335,12 @@ class Router:
     async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_admin(scope, self._settings.admin_token_digest)
         await send_json(send, 200, await self._control.raw_status())
+
+    async def _engine_targets(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The engines to scrape, in Prometheus' HTTP service-discovery format (``http_sd_configs``), labelled
+        with their pool and replica: Prometheus follows pools as they come and go (admin token)."""
+        require_admin(scope, self._settings.admin_token_digest)
+        await send_json(send, 200, engine_targets(self._table))
 
     def _require_table(self) -> None:
         if not self._table.published:
@@ -520,6 +527,13 @@ class Router:
             if slo.met(ttft_s=None if ttft_s is None else ttft_s * scale,
                        tpot_s=None if tpot_s is None else tpot_s * scale, e2e_s=e2e_s * scale):
                 series.slo_met.inc()
+
+
+def engine_targets(table: RoutingTable) -> list[dict[str, Any]]:
+    """One Prometheus HTTP SD target group per healthy engine replica."""
+    return [{"targets": [endpoint.url.split("://", 1)[-1]],
+             "labels": {"pool": pool.id, "replica": endpoint.replica_id, "tp": str(pool.tp)}}
+            for pool in table.pools.values() for endpoint in pool.endpoints]
 
 
 def _served_by(request: _Request) -> list[tuple[str, str]]:

@@ -97,3 +97,16 @@ async def test_deep_nesting_and_a_bad_content_length_are_400_before_any_engine(e
     assert nested.status == 400 and "deeper than the limit of 16" in (await nested.json())["error"]["message"]
     assert bad_length.startswith(b"HTTP/1.1 400")
     assert not a.received
+
+
+async def test_engine_targets_for_prometheus_need_the_admin_token(engines):
+    a, b = await engines("a"), await engines("b")
+    router = await start_router(with_trial(a, b), admin_token_digest=secret_digest(ADMIN))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        anonymous = await session.get(url + "/admin/engine-targets")
+        admin = await session.get(url + "/admin/engine-targets", headers={"Authorization": f"Bearer {ADMIN}"})
+        groups = await admin.json()
+    assert anonymous.status == 401
+    assert sorted((g["targets"], g["labels"]["pool"]) for g in groups) == sorted(
+        [([a.url.removeprefix("http://")], "pa"), ([b.url.removeprefix("http://")], "trial-pool")])
