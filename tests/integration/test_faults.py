@@ -14,16 +14,18 @@ The controller killed under load is in ``test_control_plane.py``; the tuner kill
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,7 +91,16 @@ class Tally:
                 f"failed {sum(failed.values())} {dict(failed)}")
 
 
-def stream_once(client: httpx.Client, url: str, max_tokens: int) -> str:
+def post(url: str, body: dict, *, timeout_s: float = 60.0) -> http.client.HTTPResponse:
+    """POST ``body`` as JSON on a new connection; the response with its body unread."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                       headers={"content-type": "application/json"})
+    return connection.getresponse()
+
+
+def stream_once(url: str, max_tokens: int) -> str:
     """One streamed chat request; its outcome: ``ok``, ``error event`` (the stream ended with an error event and
     [DONE]), ``cut after N events`` (the connection closed without [DONE]), ``status N`` (an error answer before
     any event), or ``connection: <error>`` (no answer at all)."""
@@ -97,14 +108,15 @@ def stream_once(client: httpx.Client, url: str, max_tokens: int) -> str:
             "ignore_eos": True, "stream": True}
     events: list[bytes] = []
     try:
-        with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as resp:
-            if resp.status_code != 200:
+        resp = post(url, body)
+        with resp:
+            if resp.status != 200:
                 resp.read()
-                return f"status {resp.status_code}"
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line.encode())
-    except httpx.HTTPError as exc:
+                return f"status {resp.status}"
+            for line in resp:
+                if line.startswith(b"data: "):
+                    events.append(line.strip())
+    except (OSError, http.client.HTTPException) as exc:
         return f"cut after {len(events)} events" if events else f"connection: {type(exc).__name__}"
     if not events or events[-1] != b"data: [DONE]":
         return f"cut after {len(events)} events"
@@ -124,9 +136,8 @@ class Load:
         self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
 
     def _run(self) -> None:
-        with httpx.Client() as client:
-            while not self._stop.is_set():
-                self.tally.add(stream_once(client, self._url, self._max_tokens))
+        while not self._stop.is_set():
+            self.tally.add(stream_once(self._url, self._max_tokens))
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -164,8 +175,9 @@ def retries_total(gateway) -> float:
     total = 0.0
     for port in router_ports(gateway):
         try:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
             continue
         total += sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                      if s.name == "tpgate_upstream_retries_total")
@@ -204,8 +216,7 @@ def test_an_engine_killed_under_load(gateway):
     assert_nothing_lost_before_streaming(tally)  # the streams it held end with an error event; nothing else fails
     wait_until(lambda: whole_again(gateway) and victim not in engine_pids(), timeout_s=120,
                what="a new engine to replace the killed one")
-    with httpx.Client() as client:
-        assert Counter(stream_once(client, gateway.url, 8) for _ in range(6)) == {"ok": 6}
+    assert Counter(stream_once(gateway.url, 8) for _ in range(6)) == {"ok": 6}
 
 
 def test_a_pool_replica_killed_under_load(gateway):
@@ -231,8 +242,7 @@ def test_a_router_replica_killed_under_load(gateway):
     assert tally.outcomes["ok"] > 10
     wait_until(lambda: whole_again(gateway) and victim.pid not in {p.pid for p in tree(gateway, ROUTER)},
                timeout_s=120, what="Serve to replace the router replica")
-    with httpx.Client() as client:
-        assert Counter(stream_once(client, gateway.url, 8) for _ in range(6)) == {"ok": 6}
+    assert Counter(stream_once(gateway.url, 8) for _ in range(6)) == {"ok": 6}
 
 
 def test_a_saturated_pool_answers_429_with_retry_after_keeps_memory_bounded_and_recovers(gateway):
@@ -241,14 +251,15 @@ def test_a_saturated_pool_answers_429_with_retry_after_keeps_memory_bounded_and_
     capacity = 2 * PER_REPLICA  # in flight per router replica: each router has its own gates
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000, "ignore_eos": True}
 
-    def one(client: httpx.Client) -> tuple[int, str | None, float]:
+    def one(_: int) -> tuple[int, str | None, float]:
         started = time.monotonic()
-        resp = client.post(gateway.url + "/v1/chat/completions", json=body, timeout=120)
-        return resp.status_code, resp.headers.get("retry-after"), time.monotonic() - started
+        with post(gateway.url, body, timeout_s=120) as resp:
+            resp.read()
+            return resp.status, resp.getheader("retry-after"), time.monotonic() - started
 
     def burst(n: int) -> list[tuple[int, str | None, float]]:
-        with httpx.Client(limits=httpx.Limits(max_connections=n)) as client, ThreadPoolExecutor(n) as pool:
-            return list(pool.map(lambda _: one(client), range(n)))
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(one, range(n)))
 
     burst(8)  # warm up connections and code paths before measuring memory
     rss_before = sum(p.memory_info().rss for p in routers)
@@ -267,5 +278,4 @@ def test_a_saturated_pool_answers_429_with_retry_after_keeps_memory_bounded_and_
     assert all(retry == "1" for retry, _ in rejected)
     assert max(took for _, took in rejected) < 5.0  # refused after the 0.2 s queue wait, not after the work
     assert rss_after - rss_before < 64 * 2**20
-    with httpx.Client() as client:  # the load dropped: served again at once
-        assert Counter(stream_once(client, gateway.url, 8) for _ in range(6)) == {"ok": 6}
+    assert Counter(stream_once(gateway.url, 8) for _ in range(6)) == {"ok": 6}  # the load dropped: served again
