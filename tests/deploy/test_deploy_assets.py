@@ -74,7 +74,8 @@ def test_the_builder_builds_the_gateway_from_the_cluster_configuration(tmp_path,
     assert router.name == "router" and router._deployment_config.num_replicas == 2
     settings, keeper = router.init_args
     assert keeper._bound_deployment.name == "control"
-    controller_settings, deployer, initial = keeper._bound_deployment.init_args
+    controller_settings, _, initial = keeper._bound_deployment.init_args
+    assert controller_settings.model_name == "internvl2_5-38b"
     assert {pool.id: (pool.engine.tp, pool.replicas) for pool in initial.pools.values()} == {
         "interactive-tp4": (4, 2), "batch-tp8": (8, 1)}
     assert all(pool.engine.engine == "lmdeploy" for pool in initial.pools.values())
@@ -104,8 +105,8 @@ def exported_metrics() -> dict[str, set[str]]:
     every LMDeploy engine metric (with the labels Prometheus adds from the engine targets)."""
     registry = GatewayMetrics().registry
     found: dict[str, set[str]] = {}
-    for collector in set(registry._names_to_collectors.values()):  # noqa: SLF001
-        labels = set(collector._labelnames)  # noqa: SLF001
+    for collector in set(registry._names_to_collectors.values()):
+        labels = set(collector._labelnames)
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
         for family in collector.describe():
             for suffix in suffixes[family.type]:
