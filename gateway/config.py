@@ -221,6 +221,9 @@ class RouterConfig(StrictModel):
     request_timeout_s: float = Field(default=1800.0, gt=0, description="whole request; also the drain deadline")
     max_attempts: int = Field(default=3, ge=1, description="tries on different replicas before any byte is sent")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(default=30.0, gt=0,
+                                       description="the whole request body must arrive within this, else 408")
+    max_json_depth: int = Field(default=64, ge=4, le=512, description="nesting of a request body's JSON, else 400")
     retry_after_s: int = Field(default=1, ge=1)
 
 

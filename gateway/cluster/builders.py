@@ -133,6 +133,8 @@ def router_settings(
         queue_timeout_s=r.queue_timeout_s,
         max_attempts=r.max_attempts,
         max_body_bytes=r.max_body_bytes,
+        body_read_timeout_s=r.body_read_timeout_s,
+        max_json_depth=r.max_json_depth,
         retry_after_s=r.retry_after_s,
         api_key_classes=api_key_classes,
         admin_token_digest=admin_digest,
