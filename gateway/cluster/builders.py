@@ -124,8 +124,6 @@ def router_settings(
     config: TpgateConfig, *, api_key_classes: dict[str, str | None], admin_digest: str
 ) -> RouterSettings:
     r = config.router
-    if api_key_classes:  # trial traffic of online studies carries the admin token: it is a key too
-        api_key_classes = {**api_key_classes, admin_digest: api_key_classes.get(admin_digest)}
     return RouterSettings(
         timeouts=Timeouts(connect_s=r.connect_timeout_s, first_byte_s=r.first_byte_timeout_s,
                           idle_s=r.stream_idle_timeout_s, total_s=r.request_timeout_s),

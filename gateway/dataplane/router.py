@@ -47,7 +47,7 @@ from gateway.dataplane.asgi import (
     send_error,
     send_json,
 )
-from gateway.dataplane.auth import api_key_class, authorize, require_admin
+from gateway.dataplane.auth import authorize, require_admin
 from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
 from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
@@ -330,7 +330,7 @@ class Router:
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api_key_class(scope, self._settings.api_key_classes)
+        authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
         self._require_table()
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tpgate", "simulated": simulated}
                 for model, simulated in served_models(self._table)]
