@@ -195,3 +195,22 @@ class GatewayMetrics:
 NO_POOL = "none"  # the pool label of a request answered before a pool was chosen
 NO_CLASS = "none"  # the class label of a request refused before its class was known
 
+
+
+class DriftMetrics:
+    """The drift monitor's metrics, in a registry of its own (the monitor serves them; routers do not)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.drifted = Gauge(
+            "tpgate_class_drifted", "1 when the class's live traffic has drifted from the profile it was tuned for",
+            ["class"], registry=r)
+        self.drift_ratio = Gauge(
+            "tpgate_class_drift_ratio", "The last interval's live figure over the reference's, by distance "
+            "(slo_attainment: the attainment itself)", ["class", "distance"], registry=r)
+        self.retune_advised = Gauge(
+            "tpgate_class_retune_advised", "1 when the guard rails would re-tune the class now", ["class"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,213 @@
+"""The drift monitor over synthetic intervals: references, verdicts, rails, and what it reports."""
+
+import json
+
+import pytest
+from aiohttp import web
+
+from gateway.config import load_config
+from tests.tuner.profile_traffic import ClassTraffic
+from tests.tuner.test_drift import interval
+from tuner.drift import ReferenceProfile
+from tuner.drift_monitor import DriftMonitor, GatewayFacts, ScrapeIntervals, facts_from_status
+from tuner.drift_store import ControllerDriftStore, DriftRecords, FileDriftStore
+from tuner.sources import MetricsUnavailable
+
+
+class Intervals:
+    """Hands the monitor one prepared interval per read (None first, as a scrape reader does)."""
+
+    description = "prepared intervals"
+
+    def __init__(self, figures):
+        self._figures = list(figures)
+        self._reads = 0
+
+    async def read(self, class_names):
+        self._reads += 1
+        if self._reads == 1:
+            return None
+        figures = self._figures[self._reads - 2]
+        return {name: interval(30.0 * (self._reads - 1), **figures) for name in class_names}
+
+    async def aclose(self):
+        pass
+
+
+class Facts:
+    def __init__(self, free_gpus=4, in_progress=None, fail=False):
+        self.free_gpus, self.in_progress, self.fail = free_gpus, in_progress or {}, fail
+
+    async def facts(self):
+        if self.fail:
+            raise MetricsUnavailable("connection refused")
+        return GatewayFacts(self.free_gpus, self.in_progress)
+
+
+class Events:
+    def __init__(self):
+        self.events = []
+
+    async def record_event(self, kind, message, *, route=None):
+        self.events.append((kind, route, message))
+
+
+def configured(tmp_path, mode="advisory", profile="batch"):
+    path = tmp_path / "tpgate.yaml"
+    path.write_text(f"classes:\n  batch: {{profile: {profile}}}\n  interactive: {{}}\ndefault_class: batch\n"
+                    f"drift:\n  interval_s: 30\n  classes:\n    batch: {{mode: {mode}, window_s: 300, max_gpus: 4}}\n"
+                    "    interactive: {mode: 'off'}\n")
+    return load_config(path)
+
+
+async def run_monitor(monitor, steps):
+    await monitor.start()
+    reports = []
+    for _ in range(steps):
+        reports.append(await monitor.step())
+    return reports
+
+
+async def test_a_sustained_shift_is_reported_everywhere_once(tmp_path):
+    lines, events = [], Events()
+    store = FileDriftStore(tmp_path / "drift.json")
+    # the batch profile: 256 users, ~956-token median prompts; the traffic: 16 users, 4,000-token prompts
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0, "prompt": 4000.0}] * 12),
+                           store=store, min_pool_gpus=2, facts=Facts(free_gpus=6), events=events, say=lines.append)
+    assert monitor.classes == ["batch"]
+    reports = await run_monitor(monitor, 13)
+    assert reports[0] == []  # the first read has no interval yet
+    drifted = [r[0].verdict.drifted for r in reports[1:]]
+    assert drifted == [False] * 9 + [True] * 3
+    decision = reports[10][0].decision
+    assert (decision.action, decision.gpus) == ("advise", 4)  # 6 free, at most 4 for a re-tune
+    assert decision.reason.startswith("would re-tune on 4 GPUs: drifted: concurrency 16 vs 256")
+    assert events.events == [("drift.detected", "batch", f"class batch: {reports[10][0].verdict.reason}")]
+    assert lines[0].startswith("class batch: reference from load profile batch: concurrency 256")
+    assert sum("would re-tune" in line for line in lines) == 1  # said when it changed, not every interval
+    m = monitor.metrics.registry
+    assert m.get_sample_value("tpgate_class_drifted", {"class": "batch"}) == 1
+    assert m.get_sample_value("tpgate_class_retune_advised", {"class": "batch"}) == 1
+    assert m.get_sample_value("tpgate_class_drift_ratio", {"class": "batch", "distance": "concurrency"}) == 16 / 256
+    stored = json.loads((tmp_path / "drift.json").read_text())
+    assert stored["references"]["batch"]["concurrency"] == 256
+    assert stored["verdicts"]["batch"]["drifted"] is True and stored["verdicts"]["batch"]["decision"] == "advise"
+
+
+async def test_auto_mode_only_advises_until_the_gateway_can_re_tune(tmp_path):
+    monitor = DriftMonitor(configured(tmp_path, mode="auto"), reader=Intervals([{"concurrency": 16.0}] * 10),
+                           store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2, facts=Facts(), say=print)
+    decision = (await run_monitor(monitor, 11))[-1][0].decision
+    assert decision.action == "advise" and decision.reason.endswith("(mode auto: re-tuning needs online tuning in "
+                                                                    "the gateway)")
+
+
+@pytest.mark.parametrize(("facts", "reason"), [
+    (Facts(fail=True), "the gateway's status is unavailable"),
+    (Facts(in_progress={"batch": "a study of class batch"}), "a study of class batch is in progress"),
+    (Facts(free_gpus=1), "too few for the smallest pool"),
+    (None, "the gateway's status is not read"),
+])
+async def test_the_rails_hold_a_drifted_class(tmp_path, facts, reason):
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0}] * 10),
+                           store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2, facts=facts, say=print)
+    report = (await run_monitor(monitor, 11))[-1][0]
+    assert report.verdict.drifted and report.decision.action == "hold" and reason in report.decision.reason
+    assert monitor.metrics.registry.get_sample_value("tpgate_class_retune_advised", {"class": "batch"}) == 0
+
+
+async def test_a_recent_re_tune_holds_the_next_one(tmp_path):
+    store = FileDriftStore(tmp_path / "d.json")
+    await store.save(DriftRecords(last_retune_s={"batch": 1000.0}))
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0}] * 10), store=store,
+                           min_pool_gpus=2, facts=Facts(), say=print, clock=lambda: 1000.0 + 600)
+    decision = (await run_monitor(monitor, 11))[-1][0].decision
+    assert decision.action == "hold" and decision.reason.startswith("re-tuned 10 min ago")
+
+
+async def test_a_stored_reference_wins_over_the_configured_profile(tmp_path):
+    store = FileDriftStore(tmp_path / "d.json")
+    stored = ReferenceProfile(class_name="batch", source="promotion", set_at_s=5.0, concurrency=16.0,
+                              prompt_median=4000.0, output_median=200.0)
+    await store.save(DriftRecords(references={"batch": stored}))
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0, "prompt": 4000.0}] * 10),
+                           store=store, min_pool_gpus=2, facts=Facts(), say=print)
+    assert not any(r[0].verdict.drifted for r in (await run_monitor(monitor, 11))[1:])
+
+
+async def test_a_class_without_a_profile_takes_its_first_busy_interval_as_reference(tmp_path):
+    lines = []
+    monitor = DriftMonitor(configured(tmp_path, profile="null"),
+                           reader=Intervals([{"rate": 0.0}] + [{"concurrency": 3.0}] * 10),
+                           store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2, facts=Facts(),
+                           say=lines.append)
+    reports = await run_monitor(monitor, 3)
+    assert reports[1] == []  # no traffic: nothing to take as a reference yet
+    assert reports[2][0].verdict.reference.source == "first interval observed"
+    assert reports[2][0].verdict.reference.concurrency == 3
+    assert "no reference yet" in lines[0]
+    stored = await FileDriftStore(tmp_path / "d.json").load()
+    assert stored.references["batch"].concurrency == 3
+
+
+class Sections:
+    """The controller's record sections, as the control client exposes them."""
+
+    def __init__(self):
+        self.sections = {}
+
+    async def records(self, section):
+        return self.sections.get(section)
+
+    async def put_records(self, section, value):
+        self.sections[section] = json.loads(json.dumps(value))  # what crosses to the actor is plain JSON
+
+
+async def test_drift_records_round_trip_through_the_controller_section_and_a_file(tmp_path):
+    records = DriftRecords(
+        references={"batch": ReferenceProfile(class_name="batch", source="x", set_at_s=1.0, concurrency=4.0)},
+        last_retune_s={"batch": 7.5}, verdicts={"batch": {"drifted": False}})
+    sections = Sections()
+    controller = ControllerDriftStore(sections)
+    assert await controller.load() == DriftRecords()
+    await controller.save(records)
+    assert set(sections.sections) == {"drift"}
+    assert await controller.load() == records
+    file = FileDriftStore(tmp_path / "sub" / "drift.json")
+    await file.save(records)
+    assert await file.load() == records
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a drift record file"):
+        await FileDriftStore(tmp_path / "bad.json").load()
+
+
+def test_facts_from_the_controllers_status():
+    facts = facts_from_status({"gpus": {"budget": 8, "used": 6, "free": 2}, "trial_classes": {"trial-s-1": "batch"}})
+    assert facts.free_gpus == 2 and facts.in_progress == {"batch": "a study of class batch (trial route trial-s-1)"}
+
+
+async def test_scrape_intervals_read_the_gateways_metrics_between_two_reads():
+    traffic = ClassTraffic()
+
+    async def metrics(request):
+        return web.Response(body=traffic.metrics.exposition(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    reader = ScrapeIntervals(url)
+    try:
+        assert await reader.read(["batch"]) is None
+        for _ in range(5):
+            traffic.request("batch", prompt=700, output=70)
+        intervals = await reader.read(["batch", "interactive"])
+    finally:
+        await reader.aclose()
+        await runner.cleanup()
+    assert intervals["batch"].arrivals == 5 and intervals["batch"].prompt.mean == 700
+    assert intervals["interactive"].arrivals == 0
+    assert url in reader.description

@@ -1,0 +1,306 @@
+"""The drift monitor: every ``drift.interval_s`` it reads each watched class's live profile over the last interval,
+feeds the class's :class:`~tuner.drift.DriftDetector`, asks the guard rails what a re-tune would do, and reports.
+
+Reports: the ``tpgate_class_drifted``, ``tpgate_class_drift_ratio`` and ``tpgate_class_retune_advised`` gauges
+(:class:`gateway.dataplane.metrics.DriftMetrics`), a line when a class's state or the decision changes, an event
+through the controller where the caller gives an event sink, and the verdict in the class's drift record. It acts
+on nothing: ``advisory`` and ``auto`` both report the decision (``auto`` says it would re-tune, and that re-tuning
+needs online tuning in the gateway).
+
+Each class's reference is its stored one, else the load profile it is configured (and tuned) with, else its
+first interval with traffic — stored in either of the last two cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from gateway.config import DriftClassConfig, TpgateConfig
+from gateway.dataplane.metrics import DriftMetrics
+from loadtests.errors import LoadTestInputError
+from loadtests.profile import load_profile
+from tuner.drift import DriftDetector, DriftVerdict, ReferenceProfile
+from tuner.drift_store import DriftRecords, DriftStore
+from tuner.guard_rails import RetuneDecision, RetuneFacts, decide
+from tuner.live_profile import LiveProfile, from_promql, from_scrapes, promql_queries
+from tuner.sources import MetricsUnavailable, PrometheusSource, ScrapeSource, WindowMark
+
+logger = logging.getLogger("tpgate.drift")
+
+STATUS_TIMEOUT_S = 10.0
+
+
+class IntervalReader(Protocol):
+    """The live profiles of the last interval, per class (None when there is no interval yet: the first read)."""
+
+    @property
+    def description(self) -> str: ...
+
+    async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ScrapeIntervals:
+    """Direct scrapes of the gateway's ``/metrics``: each read is one scrape, the interval the time since the
+    previous one (the in-flight gauge is seen at the two ends only)."""
+
+    def __init__(self, gateway_url: str, metrics_urls: Sequence[str] = ()) -> None:
+        self._gateway_url = gateway_url
+        self._source = ScrapeSource(metrics_urls)
+        self._previous: WindowMark | None = None
+
+    @property
+    def description(self) -> str:
+        return self._source.description
+
+    async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None:
+        await self._source.watch(self._gateway_url, {})
+        mark = await self._source.mark()
+        previous, self._previous = self._previous, mark
+        if previous is None:
+            return None
+        pair = [(previous.at_s, previous.scrapes), (mark.at_s, mark.scrapes)]
+        return {name: from_scrapes(name, pair) for name in class_names}
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+class PromqlIntervals:
+    """PromQL over the last ``interval_s`` at each read."""
+
+    def __init__(self, prometheus_url: str, interval_s: float) -> None:
+        self._source = PrometheusSource(prometheus_url)
+        self._interval_s = interval_s
+
+    @property
+    def description(self) -> str:
+        return self._source.description
+
+    async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None:
+        return {name: await query_live_profile(self._source, name, self._interval_s) for name in class_names}
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+async def query_live_profile(source: PrometheusSource, class_name: str, window_s: float,
+                             *, end_s: float | None = None) -> LiveProfile:
+    """One class's live profile over ``window_s`` ending at ``end_s`` (now), from Prometheus."""
+    at_s = time.time() if end_s is None else end_s
+    queries = promql_queries(class_name, window_s)
+    results = await asyncio.gather(*(source.query(expr, at_s=at_s) for expr in queries.values()))
+    return from_promql(class_name, window_s, at_s, dict(zip(queries, results, strict=True)))
+
+
+@dataclass(frozen=True)
+class GatewayFacts:
+    """What the rails need from the gateway: free GPUs, and per class what change of it is in progress."""
+
+    free_gpus: int
+    in_progress: Mapping[str, str]
+
+
+class FactsSource(Protocol):
+    async def facts(self) -> GatewayFacts: ...
+
+
+class AdminStatusFacts:
+    """``GET /admin/status`` of the gateway (the controller's status, with the admin token): free GPUs, and a
+    study of a class running (a trial route of that class)."""
+
+    def __init__(self, gateway_url: str, admin_token: str) -> None:
+        self._url = gateway_url.rstrip("/") + "/admin/status"
+        self._headers = {"Authorization": f"Bearer {admin_token}"}
+
+    async def facts(self) -> GatewayFacts:
+        timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, \
+                    session.get(self._url, headers=self._headers) as response:
+                if response.status != 200:
+                    raise MetricsUnavailable(f"{self._url}: HTTP {response.status}")
+                status = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise MetricsUnavailable(f"{self._url}: {exc!r}") from None
+        return facts_from_status(status)
+
+
+def facts_from_status(status: Mapping[str, Any]) -> GatewayFacts:
+    """From the controller's status: its free GPUs, and the classes a study is tuning (their trial routes)."""
+    in_progress = {class_name: f"a study of class {class_name} (trial route {route})"
+                   for route, class_name in status.get("trial_classes", {}).items()}
+    return GatewayFacts(free_gpus=int(status["gpus"]["free"]), in_progress=in_progress)
+
+
+class EventSink(Protocol):
+    """A structured event through the controller (kinds ``drift.detected`` and ``drift.cleared``)."""
+
+    async def record_event(self, kind: str, message: str, *, route: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    verdict: DriftVerdict
+    decision: RetuneDecision
+
+
+class DriftMonitor:
+    """Watches the classes ``config.drift`` lists with a mode other than ``off``. Not thread-safe: one task."""
+
+    def __init__(
+        self,
+        config: TpgateConfig,
+        *,
+        reader: IntervalReader,
+        store: DriftStore,
+        min_pool_gpus: int,
+        metrics: DriftMetrics | None = None,
+        facts: FactsSource | None = None,
+        events: EventSink | None = None,
+        say: Callable[[str], None] = logger.info,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._classes = {name: c for name, c in config.drift.classes.items() if c.mode != "off"}
+        self._reader = reader
+        self._store = store
+        self._min_pool_gpus = min_pool_gpus
+        self.metrics = metrics or DriftMetrics()
+        self._facts = facts
+        self._events = events
+        self._say = say
+        self._clock = clock
+        self._records = DriftRecords()
+        self._detectors: dict[str, DriftDetector] = {}
+        self._last_said: dict[str, tuple[bool, str]] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    async def start(self) -> None:
+        """Load the drift records and set each class's reference (see the module's description)."""
+        self._records = await self._store.load()
+        changed = False
+        for name, class_config in self._classes.items():
+            reference = self._records.references.get(name) or self._configured_reference(name)
+            if reference is not None:
+                changed |= name not in self._records.references
+                self._records.references[name] = reference
+                self._detectors[name] = DriftDetector(class_config, reference)
+                self._say(f"class {name}: reference {_describe_reference(reference)}")
+            else:
+                self._say(f"class {name}: no reference yet; its first interval with traffic becomes it")
+        if changed:
+            await self._store.save(self._records)
+
+    def _configured_reference(self, name: str) -> ReferenceProfile | None:
+        profile_name = self._config.classes[name].profile
+        if profile_name is None:
+            return None
+        try:
+            profile = load_profile(profile_name)
+        except LoadTestInputError as exc:
+            self._say(f"class {name}: its load profile cannot be read ({exc}); waiting for traffic instead")
+            return None
+        return ReferenceProfile.from_load_profile(name, profile, set_at_s=self._clock())
+
+    async def step(self) -> list[DriftReport]:
+        """Read one interval and report on every watched class (nothing on the first read: no interval yet)."""
+        intervals = await self._reader.read(self.classes)
+        if intervals is None:
+            return []
+        facts, facts_problem = await self._gateway_facts()
+        reports, changed = [], False
+        for name, live in intervals.items():
+            detector = self._detectors.get(name)
+            if detector is None:
+                if live.arrivals <= 0:
+                    continue
+                reference = ReferenceProfile.from_live(live, source="first interval observed")
+                detector = self._detectors[name] = DriftDetector(self._classes[name], reference)
+                self._records.references[name] = reference
+                self._say(f"class {name}: reference {_describe_reference(reference)}")
+                changed = True
+            verdict = detector.observe(live)
+            decision = self._decide(name, verdict, facts, facts_problem)
+            changed |= verdict.changed
+            self._records.verdicts[name] = {"at_s": verdict.at_s, "drifted": verdict.drifted,
+                                            "reason": verdict.reason, "decision": decision.action,
+                                            "decision_reason": decision.reason}
+            reports.append(DriftReport(verdict, decision))
+            await self._report(verdict, decision)
+        if changed:
+            await self._store.save(self._records)
+        return reports
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Steps every ``drift.interval_s`` until ``stop`` is set; a failed read is said and retried next time."""
+        interval_s = self._config.drift.interval_s
+        while not stop.is_set():
+            try:
+                await self.step()
+            except MetricsUnavailable as exc:
+                self._say(f"metrics unavailable, trying again in {interval_s:g} s: {exc}")
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+            except TimeoutError:
+                continue
+
+    async def _gateway_facts(self) -> tuple[GatewayFacts | None, str]:
+        if self._facts is None:
+            return None, "the gateway's status is not read (no admin token)"
+        try:
+            return await self._facts.facts(), ""
+        except MetricsUnavailable as exc:
+            return None, f"the gateway's status is unavailable: {exc}"
+
+    def _decide(self, name: str, verdict: DriftVerdict, facts: GatewayFacts | None,
+                facts_problem: str) -> RetuneDecision:
+        config: DriftClassConfig = self._classes[name]
+        if facts is None and verdict.drifted and config.mode != "off":
+            return RetuneDecision("hold", facts_problem)
+        last = self._records.last_retune_s.get(name)
+        decision = decide(RetuneFacts(
+            drifted=verdict.drifted, drift_reason=verdict.reason,
+            since_last_retune_s=None if last is None else self._clock() - last,
+            in_progress=None if facts is None else facts.in_progress.get(name),
+            free_gpus=0 if facts is None else facts.free_gpus, min_pool_gpus=self._min_pool_gpus,
+        ), config)
+        if decision.action == "retune":  # automatic re-tuning needs the gateway's online studies
+            return RetuneDecision("advise", decision.reason.replace("re-tune", "would re-tune", 1)
+                                  + " (mode auto: re-tuning needs online tuning in the gateway)", decision.gpus)
+        return decision
+
+    async def _report(self, verdict: DriftVerdict, decision: RetuneDecision) -> None:
+        name = verdict.class_name
+        m = self.metrics
+        m.drifted.labels(name).set(1 if verdict.drifted else 0)
+        m.retune_advised.labels(name).set(1 if decision.action != "hold" else 0)
+        for distance in verdict.latest:
+            if distance.ratio is not None:
+                m.drift_ratio.labels(name, distance.name).set(distance.ratio)
+        state = (verdict.drifted, decision.action)
+        if verdict.changed or self._last_said.get(name) != state:  # a line per change, not per interval
+            self._say(f"class {name}: {verdict.reason}; {decision.action}: {decision.reason}")
+            self._last_said[name] = state
+        if verdict.changed and self._events is not None:
+            kind = "drift.detected" if verdict.drifted else "drift.cleared"
+            await self._events.record_event(kind, f"class {name}: {verdict.reason}", route=name)
+
+
+def _describe_reference(reference: ReferenceProfile) -> str:
+    figures = [f"{label} {value:.3g}" for label, value in (
+        ("concurrency", reference.concurrency), ("requests/s", reference.arrival_rate_per_s),
+        ("prompt median", reference.prompt_median), ("output median", reference.output_median),
+    ) if value is not None]
+    return f"from {reference.source}: " + ", ".join(figures)
