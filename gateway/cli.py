@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "load": "gateway.commands.load",
     "serve": "gateway.commands.serve",
     "tune": "gateway.commands.tune",
+    "profile": "gateway.commands.profile",
+    "drift": "gateway.commands.drift",
 }
 
 

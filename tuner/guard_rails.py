@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.config import DriftClassConfig
+from gateway.config import DriftClassConfig, TpgateConfig
+from gateway.planner import find_gpu, load_model, plan
 from tuner.objectives import ObjectiveSpec
 from tuner.records import TrialRecord
 
@@ -117,3 +118,12 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds:.0f} s"
+
+
+def smallest_pool_gpus(config: TpgateConfig) -> int:
+    """GPUs of the smallest pool the planner accepts for the configured model and GPU (one replica of the
+    smallest feasible TP, default knobs); more than the budget when none is feasible."""
+    gpu = find_gpu(config.gpu, config.catalog())
+    verdicts = plan(load_model(config.model), gpu, gpus=config.gpus, gpus_per_node=config.node_size)
+    feasible = [verdict.tp for verdict in verdicts if verdict.feasible]
+    return min(feasible) if feasible else config.gpus + 1

@@ -2,9 +2,9 @@
 
 import pytest
 
-from gateway.config import DriftClassConfig
+from gateway.config import DriftClassConfig, load_config
 from gateway.planner import EngineKnobs
-from tuner.guard_rails import RetuneFacts, decide, judge
+from tuner.guard_rails import RetuneFacts, decide, judge, smallest_pool_gpus
 from tuner.objectives import objective_specs
 from tuner.records import TrialRecord
 from tuner.space import Candidate
@@ -108,3 +108,8 @@ def test_a_candidate_that_breaks_an_slo_never_replaces_anything():
 def test_a_current_configuration_that_breaks_its_slo_gives_way_to_a_feasible_winner():
     judgement = judge(record("infeasible", 3000.0), record("feasible", 900.0), THROUGHPUT, margin_ratio=0.05)
     assert judgement.switch and "current configuration is infeasible" in judgement.reason
+
+
+def test_the_smallest_pool_follows_the_planner():
+    assert smallest_pool_gpus(load_config()) == 2  # InternVL2.5-38B on H100s: TP1 leaves no room for a KV cache
+    assert smallest_pool_gpus(load_config(overrides={"model": "llama-3-8b"})) == 1
