@@ -17,12 +17,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
 from gateway.config import DriftClassConfig, TpgateConfig
+from gateway.control.client import parse_status
 from gateway.dataplane.metrics import DriftMetrics
 from loadtests.errors import LoadTestInputError
 from loadtests.profile import load_profile
@@ -30,7 +31,9 @@ from tuner.drift import DriftDetector, DriftVerdict, ReferenceProfile
 from tuner.drift_store import DriftRecords, DriftStore
 from tuner.guard_rails import RetuneDecision, RetuneFacts, decide
 from tuner.live_profile import LiveProfile, from_promql, from_scrapes, promql_queries
+from tuner.retune_advice import predicted_gain
 from tuner.sources import MetricsUnavailable, PrometheusSource, ScrapeSource, WindowMark
+from tuner.space import Candidate
 
 logger = logging.getLogger("tpgate.drift")
 
@@ -103,10 +106,12 @@ async def query_live_profile(source: PrometheusSource, class_name: str, window_s
 
 @dataclass(frozen=True)
 class GatewayFacts:
-    """What the rails need from the gateway: free GPUs, and per class what change of it is in progress."""
+    """What the rails need from the gateway: free GPUs, per class what change of it is in progress, and per class
+    its current configuration (the pool with the largest share of its route)."""
 
     free_gpus: int
     in_progress: Mapping[str, str]
+    current: Mapping[str, Candidate] = field(default_factory=dict)
 
 
 class FactsSource(Protocol):
@@ -134,11 +139,19 @@ class AdminStatusFacts:
         return facts_from_status(status)
 
 
-def facts_from_status(status: Mapping[str, Any]) -> GatewayFacts:
-    """From the controller's status: its free GPUs, and the classes a study is tuning (their trial routes)."""
+def facts_from_status(raw: Mapping[str, Any]) -> GatewayFacts:
+    """From the controller's status: its free GPUs, the classes a study is tuning (their trial routes), and each
+    class's main pool as a configuration."""
+    status = parse_status(raw)
     in_progress = {class_name: f"a study of class {class_name} (trial route {route})"
-                   for route, class_name in status.get("trial_classes", {}).items()}
-    return GatewayFacts(free_gpus=int(status["gpus"]["free"]), in_progress=in_progress)
+                   for route, class_name in status.trial_classes.items()}
+    current = {}
+    for route, weights in status.routes.items():
+        main = max(weights, key=lambda pool_id: weights[pool_id], default=None)
+        pool = status.pools.get(main) if main is not None else None
+        if pool is not None:
+            current[route] = Candidate(pool.tp, pool.replicas, pool.knobs)
+    return GatewayFacts(free_gpus=status.gpus_free, in_progress=in_progress, current=current)
 
 
 class EventSink(Protocol):
@@ -182,6 +195,7 @@ class DriftMonitor:
         self._records = DriftRecords()
         self._detectors: dict[str, DriftDetector] = {}
         self._last_said: dict[str, tuple[bool, str]] = {}
+        self._predictions: dict[str, str] = {}  # per class, the model's prediction since the advice began
 
     @property
     def classes(self) -> list[str]:
@@ -232,7 +246,7 @@ class DriftMonitor:
                 self._say(f"class {name}: reference {_describe_reference(reference)}")
                 changed = True
             verdict = detector.observe(live)
-            decision = self._decide(name, verdict, facts, facts_problem)
+            decision = self._with_prediction(name, live, self._decide(name, verdict, facts, facts_problem), facts)
             changed |= verdict.changed
             self._records.verdicts[name] = {"at_s": verdict.at_s, "drifted": verdict.drifted,
                                             "reason": verdict.reason, "decision": decision.action,
@@ -280,6 +294,18 @@ class DriftMonitor:
             return RetuneDecision("advise", decision.reason.replace("re-tune", "would re-tune", 1)
                                   + " (mode auto: re-tuning needs online tuning in the gateway)", decision.gpus)
         return decision
+
+    def _with_prediction(self, name: str, live: LiveProfile, decision: RetuneDecision,
+                         facts: GatewayFacts | None) -> RetuneDecision:
+        """An advice says what the performance model predicts a re-tune would gain (worked out once per advice)."""
+        if decision.action != "advise":
+            self._predictions.pop(name, None)
+            return decision
+        if name not in self._predictions:
+            current = facts.current.get(name) if facts is not None else None
+            gain = None if current is None else predicted_gain(self._config, name, live, current, gpus=decision.gpus)
+            self._predictions[name] = "" if gain is None else f"; {gain.describe()}"
+        return RetuneDecision(decision.action, decision.reason + self._predictions[name], decision.gpus)
 
     async def _report(self, verdict: DriftVerdict, decision: RetuneDecision) -> None:
         name = verdict.class_name

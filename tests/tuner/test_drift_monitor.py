@@ -35,13 +35,13 @@ class Intervals:
 
 
 class Facts:
-    def __init__(self, free_gpus=4, in_progress=None, fail=False):
-        self.free_gpus, self.in_progress, self.fail = free_gpus, in_progress or {}, fail
+    def __init__(self, free_gpus=4, in_progress=None, fail=False, current=None):
+        self.free_gpus, self.in_progress, self.fail, self.current = free_gpus, in_progress or {}, fail, current or {}
 
     async def facts(self):
         if self.fail:
             raise MetricsUnavailable("connection refused")
-        return GatewayFacts(self.free_gpus, self.in_progress)
+        return GatewayFacts(self.free_gpus, self.in_progress, self.current)
 
 
 class Events:
@@ -181,9 +181,34 @@ async def test_drift_records_round_trip_through_the_controller_section_and_a_fil
         await FileDriftStore(tmp_path / "bad.json").load()
 
 
+def status_with(routes, trial_classes=None):
+    """The controller's status as ``/admin/status`` returns it: two pools, GPUs 6 of 8 used."""
+    def pool(tp, replicas):
+        return {"tp": tp, "replicas": replicas, "ready_replicas": replicas, "gpus": tp * replicas, "phase": "running",
+                "message": "", "endpoints": {}, "engine": {"engine": "sim", "time_scale": 1.0,
+                                                           "knobs": {"max_batch_size": 256}}}
+
+    return {"version": 3, "epoch": "e", "pools": {"big": pool(4, 1), "small": pool(1, 2)}, "routes": routes,
+            "gpus": {"budget": 8, "used": 6, "free": 2}, "trial_classes": trial_classes or {}}
+
+
 def test_facts_from_the_controllers_status():
-    facts = facts_from_status({"gpus": {"budget": 8, "used": 6, "free": 2}, "trial_classes": {"trial-s-1": "batch"}})
+    facts = facts_from_status(status_with({"batch": {"small": 0.8, "big": 0.2}, "interactive": {"big": 1.0}},
+                                          {"trial-s-1": "batch"}))
     assert facts.free_gpus == 2 and facts.in_progress == {"batch": "a study of class batch (trial route trial-s-1)"}
+    assert facts.current["batch"].shape == (1, 2) and facts.current["interactive"].shape == (4, 1)
+    assert facts.current["batch"].knobs.max_batch_size == 256
+
+
+async def test_an_advice_says_what_the_performance_model_predicts(tmp_path):
+    current = facts_from_status(status_with({"batch": {"big": 1.0}})).current
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0, "prompt": 4000.0}] * 12),
+                           store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2,
+                           facts=Facts(free_gpus=8, current=current), say=print)
+    reports = await run_monitor(monitor, 13)
+    advice = [r[0].decision.reason for r in reports[1:] if r[0].decision.action == "advise"]
+    assert len(advice) == 3 and len(set(advice)) == 1  # worked out once, said the same while it lasts
+    assert "the performance model predicts tp" in advice[0] and "for the current tp4x1" in advice[0]
 
 
 async def test_scrape_intervals_read_the_gateways_metrics_between_two_reads():
