@@ -188,6 +188,8 @@ class DriftConfig(StrictModel):
     """Drift detection per workload class (classes not listed are not watched)."""
 
     interval_s: float = Field(default=30.0, gt=0, description="the monitor reads the metrics this often (seconds)")
+    sample_s: float = Field(default=5.0, gt=0, description="direct scrapes: read the requests in flight this often "
+                            "within an interval (seconds; none in between when not shorter than interval_s)")
     classes: dict[str, DriftClassConfig] = Field(default_factory=dict)
     reference_file: str = Field(default="~/.tpgate/drift-references.json",
                                 description="reference profiles when no controller holds them")

@@ -48,17 +48,21 @@ class IntervalReader(Protocol):
 
     async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None: ...
 
+    async def sample(self) -> None:
+        """A reading inside the interval (the requests in flight), where the reader needs one."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class ScrapeIntervals:
-    """Direct scrapes of the gateway's ``/metrics``: each read is one scrape, the interval the time since the
-    previous one (the in-flight gauge is seen at the two ends only)."""
+    """Direct scrapes of the gateway's ``/metrics``: the interval runs from the previous read's scrape to this
+    read's; the scrapes of :meth:`sample` in between add readings of the requests in flight."""
 
     def __init__(self, gateway_url: str, metrics_urls: Sequence[str] = ()) -> None:
         self._gateway_url = gateway_url
         self._source = ScrapeSource(metrics_urls)
-        self._previous: WindowMark | None = None
+        self._marks: list[WindowMark] = []
 
     @property
     def description(self) -> str:
@@ -66,12 +70,16 @@ class ScrapeIntervals:
 
     async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None:
         await self._source.watch(self._gateway_url, {})
-        mark = await self._source.mark()
-        previous, self._previous = self._previous, mark
-        if previous is None:
+        self._marks.append(await self._source.mark())
+        marks, self._marks = self._marks, self._marks[-1:]
+        if len(marks) < 2:
             return None
-        pair = [(previous.at_s, previous.scrapes), (mark.at_s, mark.scrapes)]
-        return {name: from_scrapes(name, pair) for name in class_names}
+        scrapes = [(mark.at_s, mark.scrapes) for mark in marks]
+        return {name: from_scrapes(name, scrapes) for name in class_names}
+
+    async def sample(self) -> None:
+        if self._marks:  # before the first read there is no interval to sample
+            self._marks.append(await self._source.mark())
 
     async def aclose(self) -> None:
         await self._source.aclose()
@@ -90,6 +98,9 @@ class PromqlIntervals:
 
     async def read(self, class_names: Sequence[str]) -> dict[str, LiveProfile] | None:
         return {name: await query_live_profile(self._source, name, self._interval_s) for name in class_names}
+
+    async def sample(self) -> None:
+        """Prometheus samples the requests in flight itself."""
 
     async def aclose(self) -> None:
         await self._source.aclose()
@@ -258,17 +269,28 @@ class DriftMonitor:
         return reports
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Steps every ``drift.interval_s`` until ``stop`` is set; a failed read is said and retried next time."""
-        interval_s = self._config.drift.interval_s
+        """Steps every ``drift.interval_s``, sampling every ``drift.sample_s`` in between, until ``stop`` is set; a
+        failed read is said and tried again at the next step."""
+        interval_s, sample_s = self._config.drift.interval_s, self._config.drift.sample_s
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            next_step = loop.time() + interval_s
             try:
                 await self.step()
             except MetricsUnavailable as exc:
                 self._say(f"metrics unavailable, trying again in {interval_s:g} s: {exc}")
-            try:
-                await asyncio.wait_for(stop.wait(), interval_s)
-            except TimeoutError:
-                continue
+            while not stop.is_set() and (left_s := next_step - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), min(sample_s, left_s))
+                except TimeoutError:
+                    if next_step - loop.time() > 0:
+                        await self._sample()
+
+    async def _sample(self) -> None:
+        try:
+            await self._reader.sample()
+        except MetricsUnavailable as exc:  # one reading less; the next step says so if it persists
+            logger.debug("sample failed: %s", exc)
 
     async def _gateway_facts(self) -> tuple[GatewayFacts | None, str]:
         if self._facts is None:

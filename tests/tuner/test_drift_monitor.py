@@ -1,5 +1,6 @@
 """The drift monitor over synthetic intervals: references, verdicts, rails, and what it reports."""
 
+import asyncio
 import json
 
 import pytest
@@ -226,13 +227,41 @@ async def test_scrape_intervals_read_the_gateways_metrics_between_two_reads():
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     reader = ScrapeIntervals(url)
     try:
+        await reader.sample()  # before the first read: no interval yet, nothing to sample
+        traffic.set_inflight("batch", 6)
         assert await reader.read(["batch"]) is None
         for _ in range(5):
             traffic.request("batch", prompt=700, output=70)
+        traffic.set_inflight("batch", 9)
+        await reader.sample()  # a peak only a sample inside the interval sees
+        traffic.set_inflight("batch", 6)
         intervals = await reader.read(["batch", "interactive"])
+        traffic.set_inflight("batch", 2)
+        following = await reader.read(["batch"])
     finally:
         await reader.aclose()
         await runner.cleanup()
     assert intervals["batch"].arrivals == 5 and intervals["batch"].prompt.mean == 700
+    assert intervals["batch"].concurrency_peak == 9 and 6 < intervals["batch"].concurrency_mean < 9
     assert intervals["interactive"].arrivals == 0
+    assert following["batch"].arrivals == 0 and following["batch"].concurrency_peak == 6  # from the last read on
     assert url in reader.description
+
+
+async def test_run_steps_every_interval_and_samples_in_between(tmp_path):
+    class Counting(Intervals):
+        samples = 0
+
+        async def sample(self):
+            self.samples += 1
+
+    path = tmp_path / "tpgate.yaml"
+    path.write_text("drift:\n  interval_s: 0.2\n  sample_s: 0.05\n  classes: {batch: {window_s: 1}}\n")
+    reader = Counting([{}] * 100)
+    monitor = DriftMonitor(load_config(path), reader=reader, store=FileDriftStore(tmp_path / "d.json"),
+                           min_pool_gpus=2, say=print)
+    await monitor.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.7, stop.set)
+    await asyncio.wait_for(monitor.run(stop), 5)
+    assert 3 <= reader._reads <= 5 and reader.samples >= 4
