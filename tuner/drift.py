@@ -247,5 +247,12 @@ def _reason(drifted: bool, previous: bool, covered: bool, sustained: Sequence[Su
     return "back within the reference over the whole window" if previous else "within the reference"
 
 
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "n/a" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec) if spec else figure(value)
+
+
+def figure(value: float) -> str:
+    """A figure for people: three significant digits, whole numbers with thousands separators from 1,000 up."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"

@@ -27,7 +27,7 @@ from gateway.control.client import parse_status
 from gateway.dataplane.metrics import DriftMetrics
 from loadtests.errors import LoadTestInputError
 from loadtests.profile import load_profile
-from tuner.drift import DriftDetector, DriftVerdict, ReferenceProfile
+from tuner.drift import DriftDetector, DriftVerdict, ReferenceProfile, figure
 from tuner.drift_store import DriftRecords, DriftStore
 from tuner.guard_rails import RetuneDecision, RetuneFacts, decide
 from tuner.live_profile import LiveProfile, from_promql, from_scrapes, promql_queries
@@ -347,7 +347,7 @@ class DriftMonitor:
 
 
 def _describe_reference(reference: ReferenceProfile) -> str:
-    figures = [f"{label} {value:.3g}" for label, value in (
+    figures = [f"{label} {figure(value)}" for label, value in (
         ("concurrency", reference.concurrency), ("requests/s", reference.arrival_rate_per_s),
         ("prompt median", reference.prompt_median), ("output median", reference.output_median),
     ) if value is not None]

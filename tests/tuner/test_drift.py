@@ -43,7 +43,7 @@ def test_a_sustained_shift_to_many_users_with_short_prompts_is_caught_with_its_n
     assert set(sustained) == {"concurrency", "prompt_median"}
     assert sustained["concurrency"].ratio == 32 and sustained["concurrency"].breached_intervals == 10
     assert sustained["prompt_median"].observed == 500 and sustained["prompt_median"].reference == 4000
-    assert "concurrency 256 vs 8 (x32.00" in last.reason and "prompt median 500 vs 4e+03" in last.reason
+    assert "concurrency 256 vs 8 (x32.00" in last.reason and "prompt median 500 vs 4,000 (x0.12" in last.reason
 
 
 def test_a_burst_shorter_than_the_window_is_ignored():
