@@ -205,7 +205,7 @@ class DriftMonitor:
         self._clock = clock
         self._records = DriftRecords()
         self._detectors: dict[str, DriftDetector] = {}
-        self._last_said: dict[str, tuple[bool, str]] = {}
+        self._last_said: dict[str, tuple[bool, str, tuple[str, ...]]] = {}
         self._predictions: dict[str, str] = {}  # per class, the model's prediction since the advice began
 
     @property
@@ -258,10 +258,11 @@ class DriftMonitor:
                 changed = True
             verdict = detector.observe(live)
             decision = self._with_prediction(name, live, self._decide(name, verdict, facts, facts_problem), facts)
-            changed |= verdict.changed
-            self._records.verdicts[name] = {"at_s": verdict.at_s, "drifted": verdict.drifted,
-                                            "reason": verdict.reason, "decision": decision.action,
-                                            "decision_reason": decision.reason}
+            record = {"drifted": verdict.drifted, "reason": verdict.reason, "decision": decision.action,
+                      "decision_reason": decision.reason}
+            previous = {k: v for k, v in self._records.verdicts.get(name, {}).items() if k != "at_s"}
+            changed |= previous != record  # kept whenever what it says changes, not every interval
+            self._records.verdicts[name] = {"at_s": verdict.at_s, **record}
             reports.append(DriftReport(verdict, decision))
             await self._report(verdict, decision)
         if changed:
@@ -337,8 +338,9 @@ class DriftMonitor:
         for distance in verdict.latest:
             if distance.ratio is not None:
                 m.drift_ratio.labels(name, distance.name).set(distance.ratio)
-        state = (verdict.drifted, decision.action)
-        if verdict.changed or self._last_said.get(name) != state:  # a line per change, not per interval
+        state = (verdict.drifted, decision.action, tuple(s.name for s in verdict.sustained))
+        if verdict.changed or self._last_said.get(name) != state:  # a line per change (state, decision, which
+            # distances hold), not per interval
             self._say(f"class {name}: {verdict.reason}; {decision.action}: {decision.reason}")
             self._last_said[name] = state
         if verdict.changed and self._events is not None:

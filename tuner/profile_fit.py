@@ -148,7 +148,7 @@ def load_profile_data(live: LiveProfile, *, name: str | None = None, duration_s:
 
 def describe(live: LiveProfile) -> str:
     """One line with the figures the profile was made from."""
-    parts = [f"live traffic of class {live.class_name} over {live.window_s:g} s: {live.arrival_rate_per_s:.3g} "
+    parts = [f"live traffic of class {live.class_name} over {live.window_s:.0f} s: {live.arrival_rate_per_s:.3g} "
              "requests/s"]
     if live.concurrency_mean is not None:
         parts.append(f"{live.concurrency_mean:.3g} in flight on average"

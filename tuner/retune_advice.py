@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 from gateway.config import TpgateConfig
 from gateway.errors import UserError
+from tuner.drift import figure
 from tuner.live_profile import LiveProfile
 from tuner.objectives import ObjectiveSpec, objective_specs
 from tuner.prior import WorkloadShape, rank_candidates
 from tuner.space import Candidate, build_space
+
+NOTHING_BETTER_RATIO = 0.005  # a predicted gain below half a percent is no gain
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,11 @@ class PredictedGain:
 
     def describe(self) -> str:
         unit = self.objective.unit
-        return (f"the performance model predicts {self.best.label()} at {self.objective.label} "
-                f"{self.best_value:,.3g} {unit} against {self.current_value:,.3g} {unit} for the current "
-                f"{self.current.label()} ({self.gain_ratio:+.0%})")
+        current = f"{self.objective.label} {figure(self.current_value)} {unit} for the current {self.current.label()}"
+        if self.gain_ratio < NOTHING_BETTER_RATIO:
+            return f"the performance model predicts nothing better than {current} within these GPUs"
+        return (f"the performance model predicts {self.best.label()} at {figure(self.best_value)} {unit} against "
+                f"{current} ({self.gain_ratio:+.0%})")
 
 
 def workload_of(live: LiveProfile) -> WorkloadShape | None:

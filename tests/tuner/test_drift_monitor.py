@@ -209,7 +209,20 @@ async def test_an_advice_says_what_the_performance_model_predicts(tmp_path):
     reports = await run_monitor(monitor, 13)
     advice = [r[0].decision.reason for r in reports[1:] if r[0].decision.action == "advise"]
     assert len(advice) == 3 and len(set(advice)) == 1  # worked out once, said the same while it lasts
-    assert "the performance model predicts tp" in advice[0] and "for the current tp4x1" in advice[0]
+    assert "the performance model predicts " in advice[0] and "for the current tp4x1" in advice[0]
+
+
+async def test_a_distance_that_joins_a_drift_is_said(tmp_path):
+    lines = []
+    figures = [{"concurrency": 16.0}] * 10 + [{"concurrency": 16.0, "output": 800.0}] * 10
+    monitor = DriftMonitor(configured(tmp_path), reader=Intervals(figures), store=FileDriftStore(tmp_path / "d.json"),
+                           min_pool_gpus=2, facts=Facts(), say=lines.append)
+    await run_monitor(monitor, 21)
+    drift_lines = [line for line in lines if "class batch: drifted" in line]
+    assert len(drift_lines) == 2
+    assert "output median" not in drift_lines[0] and "output median 800 vs" in drift_lines[1]
+    stored = json.loads((tmp_path / "d.json").read_text())["verdicts"]["batch"]
+    assert "output median 800" in stored["reason"]  # the record follows what it says
 
 
 async def test_scrape_intervals_read_the_gateways_metrics_between_two_reads():

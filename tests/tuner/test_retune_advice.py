@@ -2,6 +2,7 @@
 
 from gateway.config import load_config
 from gateway.planner import EngineKnobs
+from tuner.drift import figure
 from tuner.live_profile import LengthSummary, LiveProfile
 from tuner.retune_advice import predicted_gain, workload_of
 from tuner.space import Candidate
@@ -33,13 +34,15 @@ def test_many_users_with_short_prompts_favour_more_smaller_replicas_than_one_tp8
     assert gain is not None and gain.objective.name == "max_output_tokens_per_s"
     assert gain.best.replicas > 1 and gain.best.tp < 8
     assert gain.best_value > gain.current_value and gain.gain_ratio > 0.1
-    assert gain.describe().startswith(f"the performance model predicts {gain.best.label()} at output tokens/s")
+    assert gain.describe().startswith(f"the performance model predicts {gain.best.label()} at ")
+    assert f"tok/s against output tokens/s {figure(gain.current_value)} tok/s for the current tp8x1" in gain.describe()
 
 
 def test_the_best_candidate_itself_gains_nothing():
     first = predicted_gain(CONFIG, "batch", live(64.0, 1000.0, 300.0), Candidate(8, 1, KNOBS), gpus=8)
     again = predicted_gain(CONFIG, "batch", live(64.0, 1000.0, 300.0), first.best, gpus=8)
     assert again.best == first.best and again.gain_ratio == 0
+    assert again.describe().startswith("the performance model predicts nothing better than output tokens/s")
 
 
 def test_no_prediction_without_lengths_or_without_room():
