@@ -20,10 +20,10 @@ SUBCOMMANDS = {
     "plan": "gateway.commands.plan",
     "engine": "gateway.commands.engine",
     "load": "gateway.commands.load",
-    "serve": "gateway.commands.serve",
-    "tune": "gateway.commands.tune",
     "profile": "gateway.commands.profile",
     "drift": "gateway.commands.drift",
+    "serve": "gateway.commands.serve",
+    "tune": "gateway.commands.tune",
 }
 
 

@@ -105,14 +105,6 @@ class GatewayMetrics:
             registry=r)
         self.upstream_errors = Counter(
             "tpgate_upstream_errors", "Failed upstream attempts, by reason", ["pool", "reason"], registry=r)
-        self.route_weight = Gauge(
-            "tpgate_route_weight_ratio", "Share of a class's traffic routed to a pool", ["class", "pool"], registry=r)
-        self.pool_replicas = Gauge(
-            "tpgate_pool_replicas", "Healthy engine replicas of a pool", ["pool", "tp"], registry=r)
-        self.pool_desired_replicas = Gauge(
-            "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
-        self.state_version = Gauge(
-            "tpgate_state_version", "Version of the controller state this router follows", registry=r)
         self.arrivals = Counter(
             "tpgate_arrivals", "Requests that arrived for a class (counted once classified), by API and streaming",
             ["class", "api", "stream"], registry=r)
@@ -125,6 +117,14 @@ class GatewayMetrics:
         self.request_output_tokens = Histogram(
             "tpgate_request_output_tokens", "Output tokens of each successful request (engine usage)", ["class"],
             buckets=TOKEN_COUNT_BUCKETS, registry=r)
+        self.route_weight = Gauge(
+            "tpgate_route_weight_ratio", "Share of a class's traffic routed to a pool", ["class", "pool"], registry=r)
+        self.pool_replicas = Gauge(
+            "tpgate_pool_replicas", "Healthy engine replicas of a pool", ["pool", "tp"], registry=r)
+        self.pool_desired_replicas = Gauge(
+            "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
+        self.state_version = Gauge(
+            "tpgate_state_version", "Version of the controller state this router follows", registry=r)
 
         self._series: dict[tuple[str, str], RouteSeries] = {}
         self._class_series: dict[str, ClassSeries] = {}
