@@ -13,9 +13,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuner.drift import ReferenceProfile
+
+if TYPE_CHECKING:
+    from gateway.control.client import ControlClient
 
 RECORD_SECTION = "drift"
 
@@ -68,6 +71,11 @@ class ControllerDriftStore:
 
     async def save(self, records: DriftRecords) -> None:
         await self._client.put_records(RECORD_SECTION, records.as_dict())
+
+
+def controller_store(client: ControlClient) -> ControllerDriftStore:
+    """The store of a gateway's controller, through its typed client."""
+    return ControllerDriftStore(client)
 
 
 class FileDriftStore:
