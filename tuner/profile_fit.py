@@ -155,7 +155,7 @@ def describe(live: LiveProfile) -> str:
                      + (f" ({live.concurrency_peak:.3g} at peak)" if live.concurrency_peak is not None else ""))
     for what, summary in (("prompt", live.prompt), ("output", live.output)):
         if summary.median is not None and summary.mean is not None:
-            parts.append(f"{what} median {summary.median:.0f} / mean {summary.mean:.0f} tokens")
+            parts.append(f"{what} median {summary.median:,.0f} / mean {summary.mean:,.0f} tokens")
     if live.streaming_share is not None:
         parts.append(f"{live.streaming_share:.0%} streamed")
     if live.chat_share is not None:

@@ -14,27 +14,20 @@ from aiohttp import web
 from gateway.cli import main
 from loadtests.profile import load_profile
 from tests.tuner.profile_traffic import ClassTraffic
+from tuner.live_profile import promql_queries
 
 
 @contextlib.contextmanager
-def scripted_gateway():
-    """A /metrics endpoint in a thread of its own; each scrape adds ten finished batch requests."""
-    traffic = ClassTraffic()
-    ready, stop = threading.Event(), None
-    where = {}
-
-    async def metrics(request):
-        where["scrapes"] = where.get("scrapes", 0) + 1
-        for i in range(10):
-            traffic.request("batch", prompt=2000, output=100 + i, stream=True)
-        traffic.set_inflight("batch", 4)
-        return web.Response(body=traffic.metrics.exposition(), content_type="text/plain")
+def serving_in_a_thread(routes):
+    """An aiohttp app with ``routes`` (path -> handler) on loopback, in a thread of its own; yields its URL."""
+    ready, stop, where = threading.Event(), None, {}
 
     async def serve():
         nonlocal stop
         stop = asyncio.Event()
         app = web.Application()
-        app.router.add_get("/metrics", metrics)
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -49,10 +42,64 @@ def scripted_gateway():
     thread.start()
     assert ready.wait(10)
     try:
-        yield where
+        yield where["url"]
     finally:
         where["loop"].call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def scripted_gateway():
+    """A gateway's /metrics; each scrape adds ten finished batch requests, four in flight."""
+    traffic = ClassTraffic()
+    where = {"scrapes": 0}
+
+    async def metrics(request):
+        where["scrapes"] += 1
+        for i in range(10):
+            traffic.request("batch", prompt=2000, output=100 + i, stream=True)
+        traffic.set_inflight("batch", 4)
+        return web.Response(body=traffic.metrics.exposition(), content_type="text/plain")
+
+    with serving_in_a_thread({"/metrics": metrics}) as url:
+        where["url"] = url
+        yield where
+
+
+def test_profile_asks_prometheus_for_the_last_window(tmp_path, capsys):
+    queries = promql_queries("batch", 600)
+    answers = {  # what Prometheus answers for ten minutes of batch traffic: 1,200 requests, 4 in flight
+        queries["arrivals"]: [{"metric": {"api": "chat", "stream": "true"}, "value": [0, "1200"]}],
+        queries["statuses"]: [{"metric": {"status": "200"}, "value": [0, "1200"]}],
+        queries["slo_met"]: [{"metric": {}, "value": [0, "1200"]}],
+        queries["concurrency_mean"]: [{"metric": {}, "value": [0, "4"]}],
+        queries["concurrency_peak"]: [{"metric": {}, "value": [0, "6"]}],
+    }
+    for short, value in (("prompt", 300), ("output", 50)):
+        answers[queries[f"{short}_buckets"]] = [{"metric": {"le": le}, "value": [0, "1200"]}
+                                                for le in ("362.0", "+Inf")] + [
+                                               {"metric": {"le": "256.0"}, "value": [0, "0"]}]
+        answers[queries[f"{short}_sum"]] = [{"metric": {}, "value": [0, str(1200 * value)]}]
+        answers[queries[f"{short}_count"]] = [{"metric": {}, "value": [0, "1200"]}]
+    asked = []
+
+    async def query(request):
+        asked.append(request.query["query"])
+        result = answers.get(request.query["query"])
+        if result is None:
+            return web.json_response({"status": "error", "error": "unexpected query"}, status=400)
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    out = tmp_path / "live.yaml"
+    with serving_in_a_thread({"/api/v1/query": query}) as url:
+        assert main(["profile", "--class", "batch", "--window", "10m", "--prometheus-url", url,
+                     "--out", str(out)]) == 0
+    assert sorted(asked) == sorted(queries.values())
+    assert f"class batch: the last 600 s from Prometheus at {url}" in capsys.readouterr().err
+    profile = load_profile(str(out))
+    assert profile.arrival.rate_per_s == 2.0 and profile.users == 12  # 1,200 in 600 s; twice the peak of 6
+    assert profile.prompt_tokens.model_dump() == {"kind": "fixed", "value": 300.0}
+    assert profile.duration_s == 600
 
 
 def test_profile_measures_the_next_window_and_writes_a_replayable_profile(tmp_path, capsys):
