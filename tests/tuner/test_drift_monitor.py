@@ -10,8 +10,9 @@ from gateway.config import load_config
 from tests.tuner.profile_traffic import ClassTraffic
 from tests.tuner.test_drift import interval
 from tuner.drift import ReferenceProfile
-from tuner.drift_monitor import DriftMonitor, GatewayFacts, ScrapeIntervals, facts_from_status
+from tuner.drift_monitor import DriftMonitor, GatewayFacts, PromqlIntervals, ScrapeIntervals, facts_from_status
 from tuner.drift_store import ControllerDriftStore, DriftRecords, FileDriftStore
+from tuner.live_profile import promql_queries
 from tuner.sources import MetricsUnavailable
 
 
@@ -278,3 +279,42 @@ async def test_run_steps_every_interval_and_samples_in_between(tmp_path):
     asyncio.get_running_loop().call_later(0.7, stop.set)
     await asyncio.wait_for(monitor.run(stop), 5)
     assert 3 <= reader._reads <= 5 and reader.samples >= 4
+
+
+async def test_promql_intervals_ask_prometheus_for_the_last_interval_of_each_class():
+    asked = []
+
+    async def query(request):
+        expr = request.query["query"]
+        asked.append((expr, float(request.query["time"])))
+        if "by (le)" in expr:  # no length observed in this interval
+            result = []
+        else:
+            counted = ("tpgate_arrivals_total" in expr or "tpgate_requests_total" in expr) and 'class="batch"' in expr
+            labels = {"api": "chat", "stream": "false"} if "by (api, stream)" in expr else (
+                {"status": "200"} if "by (status)" in expr else {})
+            result = [{"metric": labels, "value": [0, "30" if counted else "0"]}]
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    reader = PromqlIntervals(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", 15.0)
+    try:
+        await reader.sample()  # Prometheus samples by itself: nothing to do
+        assert not asked
+        intervals = await reader.read(["batch", "interactive"])
+    finally:
+        await reader.aclose()
+        await runner.cleanup()
+    assert set(intervals) == {"batch", "interactive"}
+    assert intervals["batch"].arrival_rate_per_s == 2.0 and intervals["interactive"].arrivals == 0
+    assert intervals["batch"].window_s == 15.0 and intervals["batch"].ok_requests == 30
+    assert intervals["batch"].prompt.count == 0
+    expressions = {expr for expr, _ in asked}
+    assert expressions == {*promql_queries("batch", 15.0).values(), *promql_queries("interactive", 15.0).values()}
+    batch_times = {at for expr, at in asked if 'class="batch"' in expr}
+    assert len(batch_times) == 1  # every query of a class at one instant
