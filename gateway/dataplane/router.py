@@ -50,7 +50,7 @@ from gateway.dataplane.asgi import (
 from gateway.dataplane.auth import authorize, require_admin
 from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
-from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.metrics import NO_CLASS, NO_POOL, ClassSeries, GatewayMetrics
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -135,6 +135,7 @@ class _Request:
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
+    class_series: ClassSeries | None = None  # its class's live-profile series, once classified
 
 
 class ServedPath:
@@ -396,6 +397,8 @@ class Router:
             await self._send_ended(send, request)
         finally:
             del self._active[task]
+            if request.class_series is not None:
+                request.class_series.inflight.dec()
             self._record(request, started)
 
     async def _send_ended(self, send: Send, request: _Request) -> None:
@@ -422,6 +425,8 @@ class Router:
                          key_class=caller.key_class, trial_allowed=caller.admin)
         request.route = route.route
         stream = request.stream = payload.get("stream") is True
+        request.class_series = self.metrics.class_series(route.route)
+        request.class_series.arrived(scope["path"], stream)
         forward_usage = True
         if stream:
             payload, forward_usage = with_usage_requested(payload)
@@ -534,6 +539,10 @@ class Router:
         tokens = outcome.output_tokens or outcome.content_events
         series.output_tokens.inc(tokens)
         series.prompt_tokens.inc(outcome.prompt_tokens)
+        if request.class_series is not None:
+            if outcome.prompt_tokens:
+                request.class_series.prompt_length.observe(outcome.prompt_tokens)
+            request.class_series.output_length.observe(tokens)
         ttft_s = tpot_s = None
         if outcome.first_token_at is not None:
             ttft_s = outcome.first_token_at - started
