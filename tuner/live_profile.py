@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tuner.scrape import Samples, counter_increase, histogram_quantile
+from gateway.exposition import Samples, counter_increase, histogram_quantile
 from tuner.window import REQUESTS_TOTAL, SLO_MET_REQUESTS_TOTAL
 
 # The gateway's live-profile metrics, as exposed (counters with their _total suffix).

@@ -6,6 +6,7 @@ import dataclasses
 
 import aiohttp
 
+from gateway.dataplane.auth import secret_digest
 from tests.gateway.asgi_server import serve_asgi
 from tests.gateway.dataplane.test_router import chat, engines, metric, one_pool, post, start_router, table_for
 
@@ -66,10 +67,11 @@ async def test_class_series_of_trial_routes_that_left_the_table_are_removed(engi
     a = await engines("a")
     with_trial = table_for({"pa": (1, [a])}, {"interactive": {"pa": 1.0}, "batch": {"pa": 1.0},
                                                "trial-1": {"pa": 1.0}})
-    router = await start_router(with_trial)
+    router = await start_router(with_trial, admin_token_digest=secret_digest("admin-token"))
     async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
         await router.wait_for_table(2)
-        await post(session, url, chat(), headers={"x-workload-class": "trial-1"})
+        trial = {"x-workload-class": "trial-1", "authorization": "Bearer admin-token"}  # trial routes: admin only
+        await post(session, url, chat(), headers=trial)
         await post(session, url, chat())
     assert metric(router, "tpgate_arrivals_total", **{"class": "trial-1"}, api="chat", stream="false") == 1
     router.apply_table(dataclasses.replace(one_pool(a), version=2))
