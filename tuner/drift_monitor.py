@@ -1,11 +1,14 @@
 """The drift monitor: every ``drift.interval_s`` it reads each watched class's live profile over the last interval,
-feeds the class's :class:`~tuner.drift.DriftDetector`, asks the guard rails what a re-tune would do, and reports.
+feeds the class's :class:`~tuner.drift.DriftDetector`, asks the guard rails what a re-tune would do, reports, and —
+for a class in mode ``auto``, given a :class:`~tuner.retune.Retuner` — re-tunes.
 
 Reports: the ``tpgate_class_drifted``, ``tpgate_class_drift_ratio`` and ``tpgate_class_retune_advised`` gauges
 (:class:`gateway.dataplane.metrics.DriftMetrics`), a line when a class's state or the decision changes, an event
-through the controller where the caller gives an event sink, and the verdict in the class's drift record. It acts
-on nothing: ``advisory`` and ``auto`` both report the decision (``auto`` says it would re-tune, and that re-tuning
-needs online tuning in the gateway).
+through the controller where the caller gives an event sink, and the verdict in the class's drift record.
+``advisory`` reports the decision only. ``auto`` with a retuner runs the re-tune (a study on the live profile,
+the judge, a staged promotion) as a task of its own, records its time when it starts (``min_retune_interval_s``
+counts from it), and after a promotion makes the live profile the class's new reference; without a retuner
+``auto`` reports like ``advisory``.
 
 Each class's reference is its stored one, else the load profile it is configured (and tuned) with, else its
 first interval with traffic — stored in either of the last two cases.
@@ -14,6 +17,7 @@ first interval with traffic — stored in either of the last two cases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +31,12 @@ from gateway.control.client import parse_status
 from gateway.dataplane.metrics import DriftMetrics
 from loadtests.errors import LoadTestInputError
 from loadtests.profile import load_profile
+from tuner.admin_http import AdminCallFailed, AdminHttp
 from tuner.drift import DriftDetector, DriftVerdict, ReferenceProfile, figure
 from tuner.drift_store import DriftRecords, DriftStore
 from tuner.guard_rails import RetuneDecision, RetuneFacts, decide
 from tuner.live_profile import LiveProfile, from_promql, from_scrapes, promql_queries
+from tuner.retune import RetuneOutcome, Retuner
 from tuner.retune_advice import predicted_gain
 from tuner.sources import MetricsUnavailable, PrometheusSource, ScrapeSource, WindowMark
 from tuner.space import Candidate
@@ -165,6 +171,27 @@ def facts_from_status(raw: Mapping[str, Any]) -> GatewayFacts:
     return GatewayFacts(free_gpus=status.gpus_free, in_progress=in_progress, current=current)
 
 
+class AdminApiFacts:
+    """The gateway's status and its promotions through the admin API: free GPUs, a study or an active promotion
+    of a class in progress, and each class's current configuration."""
+
+    def __init__(self, admin: AdminHttp) -> None:
+        self._admin = admin
+
+    async def facts(self) -> GatewayFacts:
+        try:
+            status, promotions = await asyncio.gather(self._admin.status(), self._admin.promotions())
+        except AdminCallFailed as exc:
+            raise MetricsUnavailable(str(exc)) from None
+        facts = facts_from_status(status)
+        in_progress = dict(facts.in_progress)
+        for promotion in promotions:
+            if promotion["phase"] not in ("succeeded", "rolled_back"):
+                in_progress.setdefault(str(promotion["class"]),
+                                       f"promotion {promotion['id']} ({promotion['phase']})")
+        return GatewayFacts(free_gpus=facts.free_gpus, in_progress=in_progress, current=facts.current)
+
+
 class EventSink(Protocol):
     """A structured event through the controller (kinds ``drift.detected`` and ``drift.cleared``)."""
 
@@ -190,6 +217,7 @@ class DriftMonitor:
         metrics: DriftMetrics | None = None,
         facts: FactsSource | None = None,
         events: EventSink | None = None,
+        retuner: Retuner | None = None,
         say: Callable[[str], None] = logger.info,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -201,6 +229,9 @@ class DriftMonitor:
         self.metrics = metrics or DriftMetrics()
         self._facts = facts
         self._events = events
+        self._retuner = retuner
+        self._retunes: dict[str, asyncio.Task[RetuneOutcome | None]] = {}  # per class, its re-tune while it runs
+        self.outcomes: list[tuple[str, RetuneOutcome]] = []  # every re-tune that ended, with its class
         self._say = say
         self._clock = clock
         self._records = DriftRecords()
@@ -265,6 +296,8 @@ class DriftMonitor:
             self._records.verdicts[name] = {"at_s": verdict.at_s, **record}
             reports.append(DriftReport(verdict, decision))
             await self._report(verdict, decision)
+            if decision.action == "retune" and facts is not None:
+                changed |= self._start_retune(name, live, decision, facts)
         if changed:
             await self._store.save(self._records)
         return reports
@@ -287,6 +320,48 @@ class DriftMonitor:
                     if next_step - loop.time() > 0:
                         await self._sample()
 
+    async def aclose(self) -> None:
+        """Cancel the re-tunes still running (their study and promotion go on in the gateway)."""
+        for task in self._retunes.values():
+            task.cancel()
+        for task in list(self._retunes.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._retunes.clear()
+
+    def _start_retune(self, name: str, live: LiveProfile, decision: RetuneDecision, facts: GatewayFacts) -> bool:
+        """Start the class's re-tune as a task; True when the records changed (the re-tune's time)."""
+        current = facts.current.get(name)
+        if self._retuner is None or current is None or name in self._retunes:
+            return False
+        self._records.last_retune_s[name] = self._clock()
+        self._retunes[name] = asyncio.get_running_loop().create_task(
+            self._retune(self._retuner, name, live, decision.gpus, current))
+        return True
+
+    async def _retune(self, retuner: Retuner, name: str, live: LiveProfile, gpus: int,
+                      current: Candidate) -> RetuneOutcome | None:
+        try:
+            outcome = await retuner.retune(name, live, gpus=gpus, current=current)
+        except AdminCallFailed as exc:
+            outcome = RetuneOutcome("failed", str(exc))
+        finally:
+            self._retunes.pop(name, None)
+        self.outcomes.append((name, outcome))
+        self._say(f"class {name}: re-tune {outcome.result}: {outcome.reason}")
+        self._records.last_retune_s[name] = self._clock()
+        if outcome.result == "promoted":
+            reference = ReferenceProfile.from_live(
+                live, source=f"re-tune study {outcome.study_id} promoted {outcome.winner}")
+            self._records.references[name] = reference
+            self._detectors[name] = DriftDetector(self._classes[name], reference)
+            self._say(f"class {name}: new reference {_describe_reference(reference)}")
+        await self._store.save(self._records)
+        if self._events is not None:
+            await self._events.record_event(f"retune.{outcome.result}", f"class {name}: {outcome.reason}",
+                                            route=name)
+        return outcome
+
     async def _sample(self) -> None:
         try:
             await self._reader.sample()
@@ -307,15 +382,18 @@ class DriftMonitor:
         if facts is None and verdict.drifted and config.mode != "off":
             return RetuneDecision("hold", facts_problem)
         last = self._records.last_retune_s.get(name)
+        in_progress = f"a re-tune of class {name}" if name in self._retunes else None
+        if in_progress is None and facts is not None:
+            in_progress = facts.in_progress.get(name)
         decision = decide(RetuneFacts(
             drifted=verdict.drifted, drift_reason=verdict.reason,
             since_last_retune_s=None if last is None else self._clock() - last,
-            in_progress=None if facts is None else facts.in_progress.get(name),
+            in_progress=in_progress,
             free_gpus=0 if facts is None else facts.free_gpus, min_pool_gpus=self._min_pool_gpus,
         ), config)
-        if decision.action == "retune":  # automatic re-tuning needs the gateway's online studies
+        if decision.action == "retune" and self._retuner is None:  # re-tuning needs the admin API
             return RetuneDecision("advise", decision.reason.replace("re-tune", "would re-tune", 1)
-                                  + " (mode auto: re-tuning needs online tuning in the gateway)", decision.gpus)
+                                  + " (mode auto: re-tuning needs the gateway's admin token)", decision.gpus)
         return decision
 
     def _with_prediction(self, name: str, live: LiveProfile, decision: RetuneDecision,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from gateway.config import TpgateConfig
@@ -18,7 +18,7 @@ from tuner.prior import WorkloadShape
 from tuner.prometheus_server import ManagedPrometheusSource, PrometheusServer
 from tuner.runner import LoadDriver, TrialRunner
 from tuner.sources import ClockReader, MetricSource, PrometheusSource, ScrapeSource
-from tuner.space import build_space
+from tuner.space import Candidate, build_space
 from tuner.study import StudyDriver, StudyOptions, StudyResult, default_study_name
 
 PROMETHEUS_BINARY = "prometheus"
@@ -60,11 +60,13 @@ async def tune(
     load_driver: LoadDriver = run_load,
     clock_reader: ClockReader | None = None,
     progress: Callable[[str], None] = lambda line: None,
+    first: Sequence[Candidate] = (),
 ) -> StudyResult:
     """Run (or resume) the study of ``class_name`` on the GPUs the gateway has free; cancellable.
 
     Metrics come from ``tuning.prometheus_url``, else a Prometheus server started for the session, else direct
-    scrapes; ``clock_reader`` reads simulated engines' clocks (default: their ``/sim/stats``)."""
+    scrapes; ``clock_reader`` reads simulated engines' clocks (default: their ``/sim/stats``); ``first``:
+    configurations measured before the model's picks."""
     status = await gateway.control.status()
     space = build_space(config, class_name, gpus_free=status.gpus_free)
     profile_name = config.classes[class_name].profile
@@ -85,7 +87,7 @@ async def tune(
         )
         driver = StudyDriver(
             config=config, space=space, runner=runner, options=options, workload=WorkloadShape.of(profile),
-            worst_latency_s=profile.request_timeout_s, progress=progress, source=source.description,
+            worst_latency_s=profile.request_timeout_s, progress=progress, source=source.description, first=first,
         )
         return await driver.run()
 

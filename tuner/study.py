@@ -154,9 +154,11 @@ class StudyDriver:
         progress: Callable[[str], None] = lambda line: None,
         source: str = "",
         clock: Callable[[], float] = time.monotonic,
+        first: Sequence[Candidate] = (),
     ) -> None:
         """``workload`` feeds the model-guided start; ``worst_latency_s`` (engine clock) is the latency told
-        for a configuration that served nothing."""
+        for a configuration that served nothing; ``first``: configurations measured before the model's picks
+        (a re-tune measures the class's current configuration under the same load this way)."""
         workload_class = config.classes[space.class_name]
         self._config = config
         self._space = space
@@ -165,6 +167,7 @@ class StudyDriver:
         self._progress = progress
         self._source = source
         self._clock = clock
+        self._first = tuple(first)
         self.specs: tuple[ObjectiveSpec, ...] = objective_specs(workload_class.objectives)
         self._judge = TrialJudge(self.specs, workload_class.slo, worst_latency_s)
         self._constraint_names = ("deployed", *slo_names(workload_class.slo))
@@ -286,9 +289,16 @@ class StudyDriver:
                             guided=bool(trial.user_attrs.get(GUIDED_ATTR, False)))
 
     def _enqueue_guided(self, study: optuna.Study) -> None:
-        """Once per study: the model's best candidate of each pool shape, best first."""
+        """Once per study: the ``first`` configurations, then the model's best candidate of each pool shape, best
+        first."""
         if study.user_attrs.get(GUIDED_ATTR):
             return
+        for candidate in self._first:
+            reason = self._space.check(candidate)
+            if reason is None:
+                study.enqueue_trial(candidate.params())
+            else:  # Optuna would sample another value in its place: say so and leave it out
+                self._progress(f"{candidate.label()} is not measured: {reason}")
         for ranked in guided_picks(self._ranked, self._config.tuning.guided_trials):
             study.enqueue_trial(ranked.candidate.params(), user_attrs={GUIDED_ATTR: True})
         study.set_user_attr(GUIDED_ATTR, True)

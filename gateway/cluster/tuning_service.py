@@ -78,6 +78,12 @@ class StudyRequest(BaseModel):
     trial_timeout_s: float | None = Field(default=None, gt=0)
     guided_trials: int | None = Field(default=None, ge=0)
     knobs: dict[str, list[Any]] | None = Field(default=None, description="tuning.knobs values to try, by knob")
+    profile: dict[str, Any] | None = Field(
+        default=None, description="a load profile (its fields, as in a profile YAML) the trials put on the class "
+                                  "instead of its configured one: a re-tune's live profile")
+    first: list[dict[str, Any]] | None = Field(
+        default=None, description="configurations (tp, replicas, knobs) measured before the model's picks: a "
+                                  "re-tune measures the class's current configuration under the same load")
 
     def tuning(self, base: TuningConfig) -> TuningConfig:
         """``base`` with this request's overrides; StudyRejected naming a bad value."""
@@ -170,7 +176,7 @@ class TuningService:
         class_name = wanted.class_name
         if class_name not in self._config.classes:
             raise StudyRejected(f"unknown class {class_name!r} (classes: {', '.join(self._config.classes)})")
-        if self._config.classes[class_name].profile is None:
+        if self._config.classes[class_name].profile is None and wanted.profile is None:
             raise StudyRejected(f"class {class_name!r} has no load profile to tune with (classes.{class_name}.profile)")
         async with self._lock:
             await self._load()
@@ -187,6 +193,10 @@ class TuningService:
             if gpus < 1:
                 raise StudyConflict(f"no GPU free for a study of class {class_name!r}: {counted}")
             config = self._config.model_copy(update={"tuning": tuning.model_copy(update={"max_gpus": gpus})})
+            study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
+            if wanted.profile is not None:
+                path = Path(self._config.state_file).expanduser().resolve().with_name(f"profile-{study_id}.yaml")
+                config = await asyncio.to_thread(_with_profile, config, class_name, wanted.profile, path)
             try:
                 from tuner import build_space
 
@@ -194,7 +204,6 @@ class TuningService:
             except UserError as exc:
                 raise StudyConflict(f"{exc} ({counted})") from None
             await asyncio.to_thread(_prepare_storage, self.storage)
-            study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
             reference: dict[str, Any] = {
                 "id": study_id, "class": class_name, "study_name": f"online-{study_id}", "storage": self.storage,
                 "state": "running", "trials": wanted.trials, "gpus": space.gpus, "tp_sizes": list(space.tp_sizes),
@@ -291,14 +300,17 @@ class TuningService:
                 self._spawn(self._save())
 
         try:
-            from tuner import GatewayHandle, tune
+            from tuner import Candidate, GatewayHandle, tune
 
             engine = self._engine or tune
             gateway = GatewayHandle(control=self._control, admin_token=self._token())
+            # only when asked: a stand-in engine need not know the parameter
+            extra: dict[str, Any] = {"first": [Candidate.from_params(p) for p in request.first]} if request.first \
+                else {}
             result = await engine(config, reference["class"], gateway=gateway, storage=reference["storage"],
                                   study_name=reference["study_name"], n_trials=request.trials,
                                   timeout_s=request.timeout_s, seed=request.seed, sampler=request.sampler,
-                                  progress=progress)
+                                  progress=progress, **extra)
             reference["state"] = "completed"
             reference["reason"] = f"stopped by {result.stopped_by}"
             reference["measured_trials"] = result.measured_trials
@@ -378,6 +390,25 @@ def _describe_record(record: Any) -> dict[str, Any]:
             "gpus": record.candidate.gpus, "outcome": record.outcome, "reason": record.reason,
             "objectives": None if record.objectives is None else list(record.objectives), "measured": figures,
             "guided": record.guided}
+
+
+def _with_profile(config: TpgateConfig, class_name: str, profile: Mapping[str, Any], path: Path) -> TpgateConfig:
+    """``config`` with the class's load profile written to ``path`` and named; StudyRejected when it is not a
+    valid load profile (blocking: run in a thread)."""
+    import yaml
+
+    from loadtests.errors import LoadTestInputError
+    from loadtests.profile import load_profile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(profile), sort_keys=False))
+    try:
+        load_profile(str(path))
+    except LoadTestInputError as exc:
+        raise StudyRejected(f"profile: {exc}") from None
+    classes = dict(config.classes)
+    classes[class_name] = classes[class_name].model_copy(update={"profile": str(path)})
+    return config.model_copy(update={"classes": classes})
 
 
 def _prepare_storage(url: str) -> None:
