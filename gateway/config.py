@@ -274,6 +274,10 @@ class DriftClassConfig(StrictModel):
     max_gpus: int | None = Field(default=None, ge=1, description="GPUs a re-tune may use (default: all free)")
     margin_ratio: float = Field(default=0.05, ge=0, lt=1,
                                 description="a re-tune's winner must beat the current pool by this much")
+    retune_trials: int = Field(default=4, ge=2, le=100,
+                               description="measured trials of a re-tune's study, the current configuration's included")
+    retune_timeout_s: float | None = Field(default=None, gt=0,
+                                           description="a re-tune's study starts no trial after this (wall seconds)")
 
 
 class DriftConfig(StrictModel):

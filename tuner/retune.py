@@ -59,15 +59,6 @@ class RetuneOutcome:
     winner: str | None = None  # the promoted configuration's label
 
 
-@dataclass(frozen=True)
-class RetuneSettings:
-    """How big a re-tune's study is. ``trials`` counts measured trials, the current configuration's included."""
-
-    trials: int = 4
-    timeout_s: float | None = None
-    seed: int | None = None
-
-
 def study_profile(live: LiveProfile, *, time_scale: float) -> dict[str, Any]:
     """The live profile (wall clock) as the study's load profile, in the engines' clock: the arrival rate
     ``/ time_scale`` (the tuner puts it back into wall time for each trial); lengths, stream and api as fitted."""
@@ -108,34 +99,34 @@ def choose(trials: Sequence[Mapping[str, Any]], current: Candidate, config: Tpga
 class Retuner:
     """Runs one class's re-tune through a :class:`RetuneBackend` (see the module's description)."""
 
-    def __init__(self, config: TpgateConfig, backend: RetuneBackend, *, settings: RetuneSettings | None = None,
+    def __init__(self, config: TpgateConfig, backend: RetuneBackend, *, seed: int | None = None,
                  say: Callable[[str], None] = lambda line: None, poll_s: float = POLL_S) -> None:
         self._config = config
         self._backend = backend
-        self._settings = settings or RetuneSettings()
+        self._seed = seed
         self._say = say
         self._poll_s = poll_s
 
     async def retune(self, class_name: str, live: LiveProfile, *, gpus: int, current: Candidate) -> RetuneOutcome:
         """Study, judge, and promote a clearly better winner; returns when the promotion has ended."""
-        settings = self._settings
+        settings = self._config.drift.classes[class_name]
         request: dict[str, Any] = {
-            "class": class_name, "trials": settings.trials, "max_gpus": gpus, "first": [current.params()],
+            "class": class_name, "trials": settings.retune_trials, "max_gpus": gpus, "first": [current.params()],
             "profile": study_profile(live, time_scale=self._config.engine.time_scale),
         }
-        if settings.timeout_s is not None:
-            request["timeout_s"] = settings.timeout_s
-        if settings.seed is not None:
-            request["seed"] = settings.seed
+        if settings.retune_timeout_s is not None:
+            request["timeout_s"] = settings.retune_timeout_s
+        if self._seed is not None:
+            request["seed"] = self._seed
         study = await self._backend.start_study(request)
         study_id = str(study["id"])
         self._say(f"class {class_name}: re-tune study {study_id} on up to {study['gpus']} GPUs, "
-                  f"{settings.trials} trials, the current {current.label()} measured first")
+                  f"{settings.retune_trials} trials, the current {current.label()} measured first")
         detail = await self._wait_study(study_id)
         if detail["state"] != "completed":
             return RetuneOutcome("failed", f"study {study_id} {detail['state']}: {detail.get('reason')}", study_id)
-        margin = self._config.drift.classes[class_name].margin_ratio
-        chosen, reason = choose(detail["trial_records"], current, self._config, class_name, margin_ratio=margin)
+        chosen, reason = choose(detail["trial_records"], current, self._config, class_name,
+                                margin_ratio=settings.margin_ratio)
         self._say(f"class {class_name}: study {study_id}: {reason}")
         if chosen is None:
             return RetuneOutcome("kept", reason, study_id)

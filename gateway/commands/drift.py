@@ -1,11 +1,12 @@
 """Watch a running gateway for drift: classes whose live traffic no longer looks like what they were tuned for.
 
-``tpgate drift --config FILE`` runs the drift monitor (advisory) against the gateway until Ctrl-C or
+``tpgate drift --config FILE`` runs the drift monitor against the gateway until Ctrl-C or
 ``--duration``: every ``drift.interval_s`` it reads the classes ``drift.classes`` lists, from the gateway's
 ``/metrics`` or with ``--prometheus-url`` from Prometheus, prints a line whenever a class drifts, clears, or what a
 re-tune would do changes, keeps the references and verdicts in ``drift.reference_file``, and serves the
 ``tpgate_class_drifted`` gauges on ``--metrics-port`` (loopback). The gateway's free GPUs and running studies come
-from ``/admin/status`` with the admin token (``auth.admin_token_file``).
+from ``/admin/status`` with the admin token (``auth.admin_token_file``); with it, a class in mode ``auto`` is
+re-tuned through the admin API (an online study on its live profile, the judge, a staged promotion).
 
 The tuner is imported only when the monitor runs (``gateway`` never imports ``tuner`` at import time).
 """
@@ -50,22 +51,30 @@ def run(args: argparse.Namespace) -> int:
 async def _watch(config: TpgateConfig, args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from tuner.drift_monitor import AdminStatusFacts, DriftMonitor, FactsSource, PromqlIntervals, ScrapeIntervals
+    from tuner.admin_http import AdminHttp
+    from tuner.drift_monitor import AdminApiFacts, DriftMonitor, FactsSource, PromqlIntervals, ScrapeIntervals
     from tuner.drift_store import FileDriftStore
     from tuner.guard_rails import smallest_pool_gpus
+    from tuner.retune import Retuner
 
     reader = (PromqlIntervals(args.prometheus_url, config.drift.interval_s) if args.prometheus_url
               else ScrapeIntervals(args.gateway))
     facts: FactsSource | None = None
+    admin: AdminHttp | None = None
+    retuner: Retuner | None = None
     token_path = Path(config.auth.admin_token_file).expanduser()
     if token_path.is_file():
-        facts = AdminStatusFacts(args.gateway, token_path.read_text().strip())
+        admin = AdminHttp(args.gateway, token_path.read_text().strip())
+        facts = AdminApiFacts(admin)
+        retuner = Retuner(config, admin, say=_say)
     else:
         _say(f"no admin token at {token_path}: free GPUs and running studies are unknown, so no re-tune is advised")
     monitor = DriftMonitor(config, reader=reader, store=FileDriftStore(config.drift.reference_file),
-                           min_pool_gpus=smallest_pool_gpus(config), facts=facts, say=_say)
+                           min_pool_gpus=smallest_pool_gpus(config), facts=facts, retuner=retuner, say=_say)
+    automatic = [name for name in monitor.classes if config.drift.classes[name].mode == "auto"]
     _say(f"watching {', '.join(monitor.classes)} every {config.drift.interval_s:g} s through "
-         f"{reader.description} (advisory: nothing is changed)")
+         f"{reader.description}; " + (f"re-tuning {', '.join(automatic)} by itself (mode auto)"
+                                      if automatic and retuner is not None else "advisory: nothing is changed"))
     runner = None
     if args.metrics_port is not None:
         app = web.Application()
@@ -88,7 +97,10 @@ async def _watch(config: TpgateConfig, args: argparse.Namespace) -> int:
         await monitor.start()
         await monitor.run(stop)
     finally:
+        await monitor.aclose()
         await reader.aclose()
+        if admin is not None:
+            await admin.aclose()
         if runner is not None:
             await runner.cleanup()
         for signum in (signal.SIGINT, signal.SIGTERM):

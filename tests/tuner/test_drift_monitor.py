@@ -9,10 +9,12 @@ from aiohttp import web
 from gateway.config import load_config
 from tests.tuner.profile_traffic import ClassTraffic
 from tests.tuner.test_drift import interval
+from tests.tuner.test_retune import CURRENT, WIDER, Backend, trial
 from tuner.drift import ReferenceProfile
 from tuner.drift_monitor import DriftMonitor, GatewayFacts, PromqlIntervals, ScrapeIntervals, facts_from_status
 from tuner.drift_store import ControllerDriftStore, DriftRecords, FileDriftStore
 from tuner.live_profile import promql_queries
+from tuner.retune import Retuner
 from tuner.sources import MetricsUnavailable
 
 
@@ -96,12 +98,43 @@ async def test_a_sustained_shift_is_reported_everywhere_once(tmp_path):
     assert stored["verdicts"]["batch"]["drifted"] is True and stored["verdicts"]["batch"]["decision"] == "advise"
 
 
-async def test_auto_mode_only_advises_until_the_gateway_can_re_tune(tmp_path):
+async def test_auto_mode_only_advises_without_the_admin_api(tmp_path):
     monitor = DriftMonitor(configured(tmp_path, mode="auto"), reader=Intervals([{"concurrency": 16.0}] * 10),
                            store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2, facts=Facts(), say=print)
     decision = (await run_monitor(monitor, 11))[-1][0].decision
-    assert decision.action == "advise" and decision.reason.endswith("(mode auto: re-tuning needs online tuning in "
-                                                                    "the gateway)")
+    assert decision.action == "advise" and decision.reason.endswith("(mode auto: re-tuning needs the gateway's "
+                                                                    "admin token)")
+
+
+async def test_auto_mode_re_tunes_once_promotes_and_takes_the_live_profile_as_the_new_reference(tmp_path):
+    # the class's objective is the default min_e2e_p99: the winner's p99 is half the current one's
+    backend = Backend([trial(0, CURRENT, tokens_per_s=2.0), trial(1, WIDER, tokens_per_s=1.0)])
+    config = configured(tmp_path, mode="auto")
+    lines, events, now = [], Events(), [1000.0]
+    monitor = DriftMonitor(config, reader=Intervals([{"concurrency": 16.0, "prompt": 300.0}] * 14),
+                           store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2,
+                           facts=Facts(current={"batch": CURRENT}), events=events,
+                           retuner=Retuner(config, backend, poll_s=0.01), say=lines.append, clock=lambda: now[0])
+    reports = await run_monitor(monitor, 11)
+    assert reports[-1][0].decision.action == "retune"
+    holding = await monitor.step()  # the re-tune runs: the rails hold the class
+    assert "a re-tune of class batch is in progress" in holding[0].decision.reason
+    for _ in range(100):
+        if monitor.outcomes:
+            break
+        await asyncio.sleep(0.01)
+    [(name, outcome)] = monitor.outcomes
+    assert (name, outcome.result, backend.promoted) == ("batch", "promoted", [("batch-abc123", 1)])
+    assert len(backend.requests) == 1
+    stored = json.loads((tmp_path / "d.json").read_text())
+    assert stored["last_retune_s"]["batch"] == 1000.0
+    assert stored["references"]["batch"]["source"] == f"re-tune study batch-abc123 promoted {WIDER.label()}"
+    assert stored["references"]["batch"]["prompt_median"] == 300
+    assert events.events[-1][:2] == ("retune.promoted", "batch")
+    after = await monitor.step()  # measured against the new reference: no drift, no second re-tune
+    assert not after[0].verdict.drifted and after[0].decision.action == "hold"
+    assert any(line.startswith("class batch: re-tune promoted") for line in lines)
+    await monitor.aclose()
 
 
 @pytest.mark.parametrize(("facts", "reason"), [

@@ -1,0 +1,103 @@
+"""Automatic re-tuning over a stand-in admin API: the study it asks for, the judge between the current
+configuration and the winner, and the promotion."""
+
+import pytest
+
+from gateway.config import load_config
+from gateway.planner import EngineKnobs
+from tests.tuner.test_drift import interval
+from tuner.retune import Retuner, choose, study_profile
+from tuner.space import Candidate
+
+CURRENT = Candidate(2, 1, EngineKnobs(max_batch_size=128))
+WIDER = Candidate(1, 2, EngineKnobs(max_batch_size=128))
+OTHER = Candidate(1, 1, EngineKnobs(max_batch_size=128))
+
+
+def configured(tmp_path, margin=0.05):
+    path = tmp_path / "tpgate.yaml"
+    path.write_text("engine: {time_scale: 4}\nclasses:\n  batch: {objective: max_output_tokens_per_s, profile: batch}\n"
+                    "default_class: batch\ndrift:\n  classes:\n"
+                    f"    batch: {{mode: auto, retune_trials: 3, margin_ratio: {margin}}}\n")
+    return load_config(path)
+
+
+def trial(number, candidate, outcome="feasible", tokens_per_s=1000.0):
+    return {"number": number, "params": candidate.params(), "label": candidate.label(), "outcome": outcome,
+            "reason": None, "objectives": None if outcome in ("rejected", "failed") else [tokens_per_s]}
+
+
+class Backend:
+    """The admin API's tuning and promotion routes, answering from prepared trials and a promotion's end."""
+
+    def __init__(self, trials, *, study_state="completed", promotion_phase="succeeded"):
+        self.trials, self.study_state, self.promotion_phase = trials, study_state, promotion_phase
+        self.requests, self.promoted, self.polls = [], [], 0
+
+    async def start_study(self, request):
+        self.requests.append(request)
+        return {"id": "batch-abc123", "gpus": request["max_gpus"], "state": "running"}
+
+    async def study(self, study_id):
+        self.polls += 1
+        state = "running" if self.polls < 3 else self.study_state
+        return {"id": study_id, "state": state, "reason": "stopped by trials", "trial_records": self.trials}
+
+    async def promote(self, study_id, *, trial):
+        self.promoted.append((study_id, trial))
+        return {"id": "prom-1", "phase": "starting"}
+
+    async def promotion(self, promotion_id):
+        return {"id": promotion_id, "phase": self.promotion_phase, "reason": "step 1 (50%) failed: TTFT p99"}
+
+
+def test_the_study_profile_is_the_live_one_in_the_engines_clock():
+    profile = study_profile(interval(30.0, rate=8.0, prompt=300.0, output=50.0), time_scale=4)
+    assert profile["arrival"] == {"kind": "open", "rate_per_s": 2.0}  # 8/s on the wall clock, 2/s for the engine
+    assert profile["prompt_tokens"] == {"kind": "fixed", "value": 300}
+    assert profile["workload_class"] == {"name": "batch", "via": "header"}
+
+
+async def test_a_clearly_better_winner_is_promoted_after_the_current_configuration_is_measured(tmp_path):
+    backend = Backend([trial(0, CURRENT, tokens_per_s=1000), trial(1, OTHER, tokens_per_s=900),
+                       trial(2, WIDER, tokens_per_s=1400)])
+    lines = []
+    outcome = await Retuner(configured(tmp_path), backend, say=lines.append, poll_s=0).retune(
+        "batch", interval(30.0), gpus=2, current=CURRENT)
+    request = backend.requests[0]
+    assert request["first"] == [CURRENT.params()] and request["trials"] == 3 and request["max_gpus"] == 2
+    assert request["profile"]["arrival"]["rate_per_s"] == 0.5  # 2/s at time scale 4
+    assert backend.promoted == [("batch-abc123", 2)]
+    assert (outcome.result, outcome.study_id, outcome.promotion_id) == ("promoted", "batch-abc123", "prom-1")
+    assert outcome.winner == WIDER.label() and "+40.0%" in outcome.reason
+    assert any("the current tp2x1 mbs128" in line for line in lines)
+
+
+@pytest.mark.parametrize(("trials", "reason"), [
+    ([trial(0, CURRENT, tokens_per_s=1000), trial(1, WIDER, tokens_per_s=1030)], "not better by the 5% margin"),
+    ([trial(0, CURRENT, tokens_per_s=1000), trial(1, WIDER, tokens_per_s=900)], "worse in one objective"),
+    ([trial(0, CURRENT, outcome="rejected"), trial(1, WIDER, tokens_per_s=5000)], "was not measured"),
+    ([trial(0, CURRENT), trial(1, WIDER, outcome="infeasible", tokens_per_s=5000)], "no other configuration met"),
+])
+async def test_nothing_clearly_better_changes_nothing(tmp_path, trials, reason):
+    backend = Backend(trials)
+    outcome = await Retuner(configured(tmp_path), backend, poll_s=0).retune("batch", interval(30.0), gpus=2,
+                                                                            current=CURRENT)
+    assert outcome.result == "kept" and reason in outcome.reason
+    assert backend.promoted == []
+
+
+async def test_a_current_configuration_that_breaks_an_slo_gives_way_to_a_feasible_winner(tmp_path):
+    chosen, reason = choose([trial(0, CURRENT, outcome="infeasible", tokens_per_s=2000), trial(1, WIDER)], CURRENT,
+                            configured(tmp_path), "batch", margin_ratio=0.05)
+    assert chosen is not None and chosen.candidate == WIDER and "current configuration is infeasible" in reason
+
+
+async def test_a_rolled_back_promotion_and_a_failed_study_are_said(tmp_path):
+    rolled = await Retuner(configured(tmp_path), Backend([trial(0, CURRENT), trial(1, WIDER, tokens_per_s=2000)],
+                                                         promotion_phase="rolled_back"), poll_s=0).retune(
+        "batch", interval(30.0), gpus=2, current=CURRENT)
+    assert rolled.result == "rolled_back" and "TTFT p99" in rolled.reason
+    failed = await Retuner(configured(tmp_path), Backend([], study_state="failed"), poll_s=0).retune(
+        "batch", interval(30.0), gpus=2, current=CURRENT)
+    assert failed.result == "failed" and "study batch-abc123 failed" in failed.reason
