@@ -87,6 +87,11 @@ class DeployError(RuntimeError):
         self.pool_id = pool_id
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[DeployError], tuple[str, str]]:
+        # Ray pickles it to the caller; the default would call DeployError(message) and fail there, which the
+        # caller saw as an unserializable exception instead of the reason
+        return (DeployError, (self.pool_id, self.reason))
+
 
 @dataclass(frozen=True)
 class ControllerSettings:

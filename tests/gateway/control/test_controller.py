@@ -402,3 +402,11 @@ async def test_inflight_counts_are_current_once_every_live_router_counted_under_
     assert controller.inflight() == {"requests": 1, "routers": 2, "current": True}
     clock.now += 10.0  # both fall silent (gone): they no longer count
     assert controller.inflight() == {"requests": 0, "routers": 0, "current": True}
+
+
+def test_a_deploy_error_reaches_the_caller_through_pickling_with_its_reason():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DeployError("t-abc-tp2x1", "replica died")))
+    assert (error.pool_id, error.reason) == ("t-abc-tp2x1", "replica died")
+    assert str(error) == "pool 't-abc-tp2x1': deploy failed: replica died"
