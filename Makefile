@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LMDEPLOY_STAMP := $(VENV)/.lmdeploy
 LMDEPLOY_VERSION := 0.18.0
 
-.PHONY: install serve test unit lint clean demo
+.PHONY: install serve test unit lint clean demo demo-drift
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ unit: $(STAMP)
 ## demo: online tuning and staged promotion of both classes on simulated engines, under load (a few minutes)
 demo: $(STAMP)
 	$(BIN)/python demo/online_tuning.py
+
+## demo-drift: class batch drifts from a few long prompts to many short ones; detected, re-tuned, promoted (~6 min)
+demo-drift: $(STAMP)
+	$(BIN)/python demo/drift_retune.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tuner loadtests tests benchmarks demo

@@ -1,7 +1,8 @@
 """`make demo-drift`: the closed loop on simulated engines — drift detected, the class re-tuned and promoted.
 
 1. Start `tpgate serve` on `demo/tpgate-drift.yaml` (Llama-3-8B on 4 simulated H100s; class batch on one TP 2
-   pool, what it was tuned for: a few users with long prompts) and `tpgate drift` beside it (batch in mode auto).
+   pool with batches of 8, what it was tuned for: a few users with long prompts) and `tpgate drift` beside it
+   (batch in mode auto).
 2. Put the tuned-for load on it: 2 users with 3,000-token prompts ("before").
 3. Shift the load: 64 users with 200-token prompts. The monitor sees the drift over its window, re-tunes batch on
    the 2 GPUs production leaves free with the live profile as the load (the current TP 2 measured first), and
@@ -27,10 +28,10 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 import yaml
+from online_tuning import Gateway, StopSignal, describe_route, say
 
 from gateway.exposition import Samples, summed_increase
 from loadtests import load_profile, run_load
-from online_tuning import Gateway, StopSignal, describe_route, say
 from tuner.timescale import wall_profile
 
 HERE = Path(__file__).resolve().parent
@@ -130,7 +131,8 @@ def summary_rows(points: list[Point]) -> list[tuple[str, str, float, float, floa
 
 
 def table(rows: list[tuple[str, str, float, float, float | None, float]]) -> str:
-    lines = ["| phase | configuration | requests | failed | SLO attainment | output tokens/s |", "|---|---|---|---|---|---|"]
+    lines = ["| phase | configuration | requests | failed | SLO attainment | output tokens/s |",
+             "|---|---|---|---|---|---|"]
     for phase, configuration, requests, failed, attainment, tokens in rows:
         shown = "n/a" if attainment is None else f"{attainment:.1%}"
         lines.append(f"| {phase} | {configuration} | {requests:,.0f} | {failed:,.0f} | {shown} | {tokens:,.0f} |")

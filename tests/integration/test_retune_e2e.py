@@ -43,13 +43,13 @@ engine:
   health_check_period_s: 1
   stop_timeout_s: 5
 pools:
-  batch-tp2: {{tp: 2, knobs: {{max_batch_size: 128}}}}
+  batch-tp2: {{tp: 2, knobs: {{max_batch_size: 8}}}}
 routes:
   batch: {{batch-tp2: 1.0}}
 default_class: batch
 classes:
   batch:
-    objective: max_output_tokens_per_s
+    objective: min_e2e_p99
     slo: {{ttft_p99_s: 30.0, error_rate_max: 0.001}}
     profile: WORKDIR/reference.yaml
 router:
@@ -68,7 +68,7 @@ promotion:
   max_latency_ratio: 4
   check_period_s: 1
 tuning:
-  knobs: {{max_batch_size: [128], cache_max_entry_count: [0.8], max_prefill_token_num: [8192]}}
+  knobs: {{max_batch_size: [8, 128], cache_max_entry_count: [0.8], max_prefill_token_num: [8192]}}
   warmup_s: 2
   window_s: 5
   guided_trials: 2
@@ -166,7 +166,7 @@ def test_a_drifted_class_is_retuned_and_its_winner_promoted_under_load_with_no_f
             text = monitor_log.read_text()
             print(text)
         assert "class batch: drifted: concurrency" in text, text
-        assert "re-tune study batch-" in text and "the current tp2x1 mbs128" in text, text
+        assert "re-tune study batch-" in text and "the current tp2x1 mbs8 " in text, text
         assert "re-tune promoted" in text, text
 
         state = gateway.status()

@@ -108,7 +108,7 @@ async def test_auto_mode_only_advises_without_the_admin_api(tmp_path):
 
 async def test_auto_mode_re_tunes_once_promotes_and_takes_the_live_profile_as_the_new_reference(tmp_path):
     # the class's objective is the default min_e2e_p99: the winner's p99 is half the current one's
-    backend = Backend([trial(0, CURRENT, tokens_per_s=2.0), trial(1, WIDER, tokens_per_s=1.0)])
+    backend = Backend([trial(0, CURRENT, value=2.0), trial(1, WIDER, value=1.0)])
     config = configured(tmp_path, mode="auto")
     lines, events, now = [], Events(), [1000.0]
     monitor = DriftMonitor(config, reader=Intervals([{"concurrency": 16.0, "prompt": 300.0}] * 14),

@@ -22,9 +22,9 @@ def configured(tmp_path, margin=0.05):
     return load_config(path)
 
 
-def trial(number, candidate, outcome="feasible", tokens_per_s=1000.0):
+def trial(number, candidate, outcome="feasible", value=1000.0):
     return {"number": number, "params": candidate.params(), "label": candidate.label(), "outcome": outcome,
-            "reason": None, "objectives": None if outcome in ("rejected", "failed") else [tokens_per_s]}
+            "reason": None, "objectives": None if outcome in ("rejected", "failed") else [value]}
 
 
 class Backend:
@@ -59,8 +59,8 @@ def test_the_study_profile_is_the_live_one_in_the_engines_clock():
 
 
 async def test_a_clearly_better_winner_is_promoted_after_the_current_configuration_is_measured(tmp_path):
-    backend = Backend([trial(0, CURRENT, tokens_per_s=1000), trial(1, OTHER, tokens_per_s=900),
-                       trial(2, WIDER, tokens_per_s=1400)])
+    backend = Backend([trial(0, CURRENT, value=1000), trial(1, OTHER, value=900),
+                       trial(2, WIDER, value=1400)])
     lines = []
     outcome = await Retuner(configured(tmp_path), backend, say=lines.append, poll_s=0).retune(
         "batch", interval(30.0), gpus=2, current=CURRENT)
@@ -74,10 +74,10 @@ async def test_a_clearly_better_winner_is_promoted_after_the_current_configurati
 
 
 @pytest.mark.parametrize(("trials", "reason"), [
-    ([trial(0, CURRENT, tokens_per_s=1000), trial(1, WIDER, tokens_per_s=1030)], "not better by the 5% margin"),
-    ([trial(0, CURRENT, tokens_per_s=1000), trial(1, WIDER, tokens_per_s=900)], "worse in one objective"),
-    ([trial(0, CURRENT, outcome="rejected"), trial(1, WIDER, tokens_per_s=5000)], "was not measured"),
-    ([trial(0, CURRENT), trial(1, WIDER, outcome="infeasible", tokens_per_s=5000)], "no other configuration met"),
+    ([trial(0, CURRENT, value=1000), trial(1, WIDER, value=1030)], "not better by the 5% margin"),
+    ([trial(0, CURRENT, value=1000), trial(1, WIDER, value=900)], "worse in one objective"),
+    ([trial(0, CURRENT, outcome="rejected"), trial(1, WIDER, value=5000)], "was not measured"),
+    ([trial(0, CURRENT), trial(1, WIDER, outcome="infeasible", value=5000)], "no other configuration met"),
 ])
 async def test_nothing_clearly_better_changes_nothing(tmp_path, trials, reason):
     backend = Backend(trials)
@@ -88,13 +88,13 @@ async def test_nothing_clearly_better_changes_nothing(tmp_path, trials, reason):
 
 
 async def test_a_current_configuration_that_breaks_an_slo_gives_way_to_a_feasible_winner(tmp_path):
-    chosen, reason = choose([trial(0, CURRENT, outcome="infeasible", tokens_per_s=2000), trial(1, WIDER)], CURRENT,
+    chosen, reason = choose([trial(0, CURRENT, outcome="infeasible", value=2000), trial(1, WIDER)], CURRENT,
                             configured(tmp_path), "batch", margin_ratio=0.05)
     assert chosen is not None and chosen.candidate == WIDER and "current configuration is infeasible" in reason
 
 
 async def test_a_rolled_back_promotion_and_a_failed_study_are_said(tmp_path):
-    rolled = await Retuner(configured(tmp_path), Backend([trial(0, CURRENT), trial(1, WIDER, tokens_per_s=2000)],
+    rolled = await Retuner(configured(tmp_path), Backend([trial(0, CURRENT), trial(1, WIDER, value=2000)],
                                                          promotion_phase="rolled_back"), poll_s=0).retune(
         "batch", interval(30.0), gpus=2, current=CURRENT)
     assert rolled.result == "rolled_back" and "TTFT p99" in rolled.reason
