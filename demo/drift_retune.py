@@ -7,7 +7,7 @@
 3. Shift the load: 64 users with 200-token prompts. The monitor sees the drift over its window, re-tunes batch on
    the 2 GPUs production leaves free with the live profile as the load (the current TP 2 measured first), and
    promotes the winner in stages when it is better by the margin ("during" until the promotion has finished).
-4. Measure "after", print SLO attainment and throughput per phase, and write `drift-demo.html` (self-contained:
+4. Measure "after", print SLO attainment and throughput per phase, and write `demo/drift-demo.html` (self-contained:
    inline SVG, no scripts) with the series every few seconds.
 
 Throughput is in the engines' clock (output tokens per second / time scale). Run it with `make demo-drift`
@@ -36,7 +36,7 @@ from tuner.timescale import wall_profile
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "tpgate-drift.yaml"
-OUT_HTML = Path("drift-demo.html")
+OUT_HTML = HERE / "drift-demo.html"
 CLASS = "batch"
 SAMPLE_S = 5.0
 BEFORE_S = 40.0
