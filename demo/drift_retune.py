@@ -106,10 +106,10 @@ def point(start: Samples, end: Samples, *, at_s: float, phase: str, configuratio
     def ok(labels: dict[str, str]) -> bool:
         return of_class(labels) and labels.get("status", "").startswith("2")
 
-    requests = summed_increase(start, end, "tpgate_requests_total", of_class) or 0.0
-    succeeded = summed_increase(start, end, "tpgate_requests_total", ok) or 0.0
-    met = summed_increase(start, end, "tpgate_slo_met_requests_total", of_class) or 0.0
-    tokens = summed_increase(start, end, "tpgate_output_tokens_total", of_class) or 0.0
+    requests = summed_increase([start], [end], "tpgate_requests_total", of_class) or 0.0
+    succeeded = summed_increase([start], [end], "tpgate_requests_total", ok) or 0.0
+    met = summed_increase([start], [end], "tpgate_slo_met_requests_total", of_class) or 0.0
+    tokens = summed_increase([start], [end], "tpgate_output_tokens_total", of_class) or 0.0
     return Point(at_s=at_s, phase=phase, configuration=configuration, requests=requests, failed=requests - succeeded,
                  slo_attainment=met / succeeded if succeeded else None,
                  output_tokens_per_s=tokens / window_s / scale)

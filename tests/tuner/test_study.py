@@ -18,7 +18,7 @@ WORKLOAD = WorkloadShape.of(load_profile("batch"))
 
 
 def setup(config=None, *, storage=None, n_trials=4, study_name="s", seed=3, sampler="tpe", runner=None,
-          timeout_s=None, clock=None):
+          timeout_s=None, clock=None, first=()):
     config = config or config_with(gpus=8)
     space = build_space(config, "batch")
     inner = SyntheticRunner(space, WORKLOAD, Deviation(noise=0.0), seed=seed)
@@ -27,7 +27,7 @@ def setup(config=None, *, storage=None, n_trials=4, study_name="s", seed=3, samp
     driver = StudyDriver(config=config, space=space, runner=scripted, workload=WORKLOAD, worst_latency_s=300.0,
                          options=StudyOptions(storage=storage, study_name=study_name, n_trials=n_trials, seed=seed,
                                               sampler=sampler, timeout_s=timeout_s),
-                         progress=lines.append, **({"clock": clock} if clock else {}))
+                         progress=lines.append, first=first, **({"clock": clock} if clock else {}))
     return driver, scripted, space, config, lines
 
 
@@ -43,6 +43,16 @@ async def test_the_models_best_candidate_of_each_shape_goes_first():
     assert result.measured_trials == 5 and len(runner.runs) == 5 and runner.closed == 1
     assert all(r.predicted.get("output_tokens_per_s") for r in result.records if r.outcome != "rejected")
     assert sum("guided" in line for line in lines) == 3 and any(line.startswith("[") for line in lines)
+
+
+async def test_first_configurations_are_measured_before_the_models_picks_and_a_rejected_one_is_said():
+    knobs = build_space(config_with(gpus=8), "batch").candidates()[0].knobs
+    current, too_big = Candidate(2, 2, knobs), Candidate(4, 2, knobs)
+    driver, runner, *_, lines = setup(n_trials=3, first=(too_big, current))
+    result = await driver.run()
+    assert runner.runs[0] == current and result.records[0].candidate == current and not result.records[0].guided
+    assert all(r.candidate != too_big for r in result.records)
+    assert any(line.startswith(f"{too_big.label()} is not measured: 2 x tp4 needs 8 GPUs") for line in lines)
 
 
 async def test_rejected_and_repeated_configurations_are_told_without_deploying(tmp_path):
