@@ -59,8 +59,12 @@ def api_key_class(scope: Scope, key_classes: Mapping[str, str | None]) -> str | 
 
 
 def require_admin(scope: Scope, admin_digest: str | None) -> None:
+    """401 without a bearer token, 403 with a wrong one (or when no admin token is configured)."""
     if admin_digest is None:
         raise ApiError(403, "the admin API is disabled: no admin token is configured")
     token = bearer_token(scope)
-    if token is None or not hmac.compare_digest(secret_digest(token), admin_digest):
-        raise ApiError(401, "admin API: missing or invalid bearer token", headers=BEARER_CHALLENGE)
+    if token is None:
+        raise ApiError(401, "admin API: send 'Authorization: Bearer <admin token>' (the token is in the file "
+                       "auth.admin_token_file names)", code="missing_admin_token", headers=BEARER_CHALLENGE)
+    if not hmac.compare_digest(secret_digest(token), admin_digest):
+        raise ApiError(403, "admin API: the bearer token is not the admin token", code="invalid_admin_token")

@@ -47,10 +47,10 @@ from gateway.dataplane.asgi import (
     send_error,
     send_json,
 )
-from gateway.dataplane.auth import api_key_class, authorize, require_admin
+from gateway.dataplane.auth import authorize, require_admin
 from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
-from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.metrics import NO_CLASS, NO_POOL, ClassSeries, GatewayMetrics
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -84,6 +84,18 @@ CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
+ADMIN_PREFIX = "/admin/"
+
+
+class AdminSurface(Protocol):
+    """What the router serves under ``/admin`` besides ``/admin/status`` (:mod:`gateway.admin`): an ASGI app that
+    lives as long as the router."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ControlPlane(Protocol):
@@ -123,6 +135,7 @@ class _Request:
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
+    class_series: ClassSeries | None = None  # its class's live-profile series, once classified
 
 
 class ServedPath:
@@ -151,8 +164,10 @@ class Router:
         metrics: GatewayMetrics | None = None,
         rng: random.Random | None = None,
         router_id: str | None = None,
+        admin: AdminSurface | None = None,
     ) -> None:
         self._settings = settings
+        self._admin = admin
         self._control = control
         self.metrics = metrics or GatewayMetrics()
         self._rng = rng or random.Random()
@@ -192,6 +207,9 @@ class Router:
         if scope["type"] != "http":
             return
         handler = self._handlers.get((scope["method"], scope["path"]))
+        if handler is None and self._admin is not None and scope["path"].startswith(ADMIN_PREFIX):
+            await self._admin(scope, receive, send)
+            return
         try:
             if handler is None:
                 if scope["path"] in self._paths:
@@ -217,9 +235,13 @@ class Router:
     async def start(self) -> None:
         self._session = new_session()
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+        if self._admin is not None:
+            await self._admin.start()
 
     async def stop(self) -> None:
         self._end_inflight()
+        if self._admin is not None:
+            await self._admin.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -309,7 +331,7 @@ class Router:
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api_key_class(scope, self._settings.api_key_classes)
+        authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
         self._require_table()
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tpgate", "simulated": simulated}
                 for model, simulated in served_models(self._table)]
@@ -375,6 +397,8 @@ class Router:
             await self._send_ended(send, request)
         finally:
             del self._active[task]
+            if request.class_series is not None:
+                request.class_series.inflight.dec()
             self._record(request, started)
 
     async def _send_ended(self, send: Send, request: _Request) -> None:
@@ -401,6 +425,8 @@ class Router:
                          key_class=caller.key_class, trial_allowed=caller.admin)
         request.route = route.route
         stream = request.stream = payload.get("stream") is True
+        request.class_series = self.metrics.class_series(route.route)
+        request.class_series.arrived(scope["path"], stream)
         forward_usage = True
         if stream:
             payload, forward_usage = with_usage_requested(payload)
@@ -513,6 +539,10 @@ class Router:
         tokens = outcome.output_tokens or outcome.content_events
         series.output_tokens.inc(tokens)
         series.prompt_tokens.inc(outcome.prompt_tokens)
+        if request.class_series is not None:
+            if outcome.prompt_tokens:
+                request.class_series.prompt_length.observe(outcome.prompt_tokens)
+            request.class_series.output_length.observe(tokens)
         ttft_s = tpot_s = None
         if outcome.first_token_at is not None:
             ttft_s = outcome.first_token_at - started
