@@ -175,8 +175,12 @@ def svg_series(points: list[Point], value: Any, label: str, *, width: int = 760,
 
 
 def write_html(path: Path, points: list[Point], rows: list[Any], monitor_lines: list[str]) -> None:
+    ended = next((m.group(1) for line in monitor_lines if (m := RETUNE_ENDED.search(line))), None)
+    headline = {"promoted": "drift detected, class re-tuned and promoted", "kept": "drift detected, re-tune kept "
+                "the current configuration", "rolled_back": "drift detected, re-tuned, the promotion rolled back",
+                "failed": "drift detected, the re-tune failed"}.get(ended or "", "no re-tune ended")
     body = [
-        "<h1>tpgate: drift detected, class re-tuned and promoted</h1>",
+        f"<h1>tpgate: {headline}</h1>",
         f"<pre>{html.escape(table(rows))}</pre>",
         svg_series(points, lambda p: p.output_tokens_per_s, "output tokens/s (engine clock)"),
         svg_series(points, lambda p: p.slo_attainment, "SLO attainment"),
