@@ -5,7 +5,9 @@ A study runs the tuner's study engine (:func:`tuner.tune`, imported only when a 
 gateway: its trials are pools on trial routes, on the GPUs the production pools leave free, up to
 ``tuning.max_gpus`` and less what other running studies hold. Trial traffic carries the admin token and names its
 trial route; production routes never name a trial pool. Where no GPU is left, or the class is being tuned
-already, the study is refused with the numbers (:class:`StudyConflict`).
+already, the study is refused with the numbers (:class:`StudyConflict`). A request may bring its own load
+profile (a drift re-tune's live profile, written next to the state file) and configurations to measure first
+(the class's current one).
 
 Every study has a reference in the controller's store (the ``studies`` record section: class, Optuna study and
 storage, state, best so far, the promotion it led to), kept up to date as trials finish; a service that starts
