@@ -66,6 +66,37 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 JSON_HEADERS = {"content-type": "application/json"}
 CHAT_PATH = "/v1/chat/completions"
 
+# The settings of Ray Serve's request path on the router replica, as Ray 2.60 ships them: every variant below
+# names all of them, so a run measures the same thing whatever tpgate's own defaults are.
+SERVE_DEFAULTS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "TPGATE_ROUTER__SERVE_ACCESS_LOG": "true",
+    "TPGATE_HAPROXY_SKIP_DISCONNECT_WATCH": "0",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "4",
+    "RAY_USE_UVLOOP": "1",
+}
+SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+BUFFERED_LOGS = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"}
+NO_ACCESS_LOG = {"TPGATE_ROUTER__SERVE_ACCESS_LOG": "false"}
+NO_DISCONNECT_WATCH = {"TPGATE_HAPROXY_SKIP_DISCONNECT_WATCH": "1"}
+# The ablation: Serve's defaults, then one setting added at a time (cumulative), then single changes on top.
+VARIANTS: dict[str, dict[str, str]] = {
+    "serve-defaults": SERVE_DEFAULTS,
+    "+same-loop": SERVE_DEFAULTS | SAME_LOOP,
+    "+buffered-logs": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS,
+    "+no-access-log": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG,
+    "+no-disconnect-watch": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH,
+    "+nbthread-1": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_SERVE_HAPROXY_NBTHREAD": "1"},
+    "+nbthread-2": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_SERVE_HAPROXY_NBTHREAD": "2"},
+    "all-but-uvloop": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_USE_UVLOOP": "0"},
+    "tpgate-defaults": {},
+}
+
 
 # --- results --------------------------------------------------------------------------------------------
 
@@ -349,11 +380,12 @@ def start_lmdeploy_proxy(procs: Processes, workdir: Path, engine: Target) -> Tar
     return Target(url, lambda: [psutil.Process(process.pid), *engine.processes()])
 
 
-def start_gateway(procs: Processes, workdir: Path, mode: str,
-                  time_scale: float) -> tuple[Target, subprocess.Popen[str]]:
-    """`tpgate serve` with one pool of one TP1 replica that every class routes to; returns once it is ready."""
+def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
+                  env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
+    """`tpgate serve` with one pool of one TP1 replica that every class routes to, with ``env`` added to its
+    environment (Ray's processes inherit it); returns once it is ready."""
     port = free_port()
-    token_file = workdir / f"admin-token-{mode}"
+    token_file = workdir / f"admin-token-{run}"
     config = {
         "model": MODEL, "gpu": GPU, "gpus": 1,
         "engine": {"time_scale": time_scale},
@@ -361,13 +393,13 @@ def start_gateway(procs: Processes, workdir: Path, mode: str,
         "pools": {"bench": {"tp": 1, "replicas": 1}},
         "routes": {"interactive": {"bench": 1.0}, "batch": {"bench": 1.0}},
         "auth": {"admin_token_file": str(token_file)},
-        "state_file": str(workdir / f"state-{mode}.json"),
+        "state_file": str(workdir / f"state-{run}.json"),
     }
-    config_path = workdir / f"tpgate-{mode}.yaml"
+    config_path = workdir / f"tpgate-{run}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
-    log = workdir / f"tpgate-{mode}.log"
+    log = workdir / f"tpgate-{run}.log"
     argv = [str(Path(sys.executable).with_name("tpgate")), "serve", "--config", str(config_path), "--port", str(port)]
-    process = procs.start(argv, log=log)
+    process = procs.start(argv, log=log, env={**os.environ, **env})
     deadline = time.monotonic() + GATEWAY_START_TIMEOUT_S
     while "tpgate: ready" not in log.read_text(errors="replace"):
         procs.remember_descendants(process)
@@ -466,7 +498,7 @@ def measure_phase(phase: str, targets: dict[str, Target], run: str, args: argpar
 
 def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
                   exposure: dict[str, list[dict[str, Any]]]) -> list[Row]:
-    modes = ["standard", "haproxy"] if args.mode == "both" else [args.mode]
+    runs = gateway_runs(args)
     with_lmdeploy = importlib.util.find_spec("lmdeploy") is not None and not args.no_lmdeploy
     if not with_lmdeploy:
         print("lmdeploy is not importable here (or --no-lmdeploy): its proxy is left out", file=sys.stderr)
@@ -479,20 +511,29 @@ def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
         if with_lmdeploy:
             behind_proxy = start_engine(procs, workdir, f"engine-lmdeploy-{phase}", time_scale)
             baseline["lmdeploy proxy"] = start_lmdeploy_proxy(procs, workdir, behind_proxy)
-        for mode in modes:
-            print(f"  starting tpgate serve ({mode})", file=sys.stderr, flush=True)
-            gateway_target, gateway = start_gateway(procs, workdir, mode, time_scale)
+        for run, mode, env in runs:
+            print(f"  starting tpgate serve ({run}: {mode} {env or ''})", file=sys.stderr, flush=True)
+            gateway_target, gateway = start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
             try:
-                exposure.setdefault(mode, listeners(gateway.pid))
-                targets = {"direct": direct, f"tpgate {mode}": gateway_target} | {
+                exposure.setdefault(run, listeners(gateway.pid))
+                targets = {"direct": direct, f"tpgate {run}": gateway_target} | {
                     k: v for k, v in baseline.items() if k != "direct"}
                 print(f"  measuring {', '.join(targets)}", file=sys.stderr, flush=True)
-                rows += measure_phase(phase, targets, mode, args)
+                rows += measure_phase(phase, targets, run, args)
             finally:
-                print(f"  stopping tpgate serve ({mode})", file=sys.stderr, flush=True)
+                print(f"  stopping tpgate serve ({run})", file=sys.stderr, flush=True)
                 procs.stop(gateway)
         procs.stop_all()
     return rows
+
+
+def gateway_runs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
+    """(run name, fast path, environment) of each `tpgate serve` to measure: the modes, or the named variants
+    (each on the HAProxy fast path)."""
+    if args.variant:
+        return [(name, "haproxy", VARIANTS[name]) for name in args.variant]
+    modes = ["standard", "haproxy"] if args.mode == "both" else [args.mode]
+    return [(mode, mode, {}) for mode in modes]
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -563,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=60, help="streamed requests per target (default: 60)")
     parser.add_argument("--stream-tokens", type=int, default=16, help="tokens per stream (default: 16)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default: 3)")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS),
+                        help="measure the HAProxy fast path with this variant's settings (repeatable; replaces "
+                        "--mode; see VARIANTS)")
     parser.add_argument("--no-lmdeploy", action="store_true", help="leave LMDeploy's proxy out")
     parser.add_argument("--listeners", action="store_true", help="also list each gateway's listening sockets")
     parser.add_argument("--json", type=Path, help="also write the rows, listeners and the machine here")

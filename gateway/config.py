@@ -194,6 +194,11 @@ class RouterConfig(StrictModel):
     max_attempts: int = Field(default=3, ge=1, description="tries on different replicas before any byte is sent")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(default=1, ge=1)
+    metrics_targets_dir: str | None = Field(
+        default=None, description="each router replica serves its own /metrics on a free port of server.host and "
+        "writes a Prometheus file-SD target file (tpgate-router-<id>.json) here: scrape them all with file_sd_configs")
+    serve_access_log: bool = Field(default=False, description="Ray Serve's per-request access-log line in the "
+                                   "router replicas' logs (costs CPU on every request; tpgate's metrics count them)")
 
 
 class ApiKeyConfig(StrictModel):

@@ -11,6 +11,7 @@ leaves replicas unscheduled.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gateway.cluster.pool_replica import EnginePoolReplica
+from gateway.cluster.serve_env import router_env_vars
 from gateway.config import TpgateConfig
 from gateway.control.client import ControlClient
 from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
@@ -121,6 +123,9 @@ def router_settings(
         retry_after_s=r.retry_after_s,
         api_key_classes=api_key_classes,
         admin_token_digest=admin_digest,
+        front_stamps=config.server.fast_path == "haproxy",
+        metrics_targets_dir=r.metrics_targets_dir,
+        metrics_host=config.server.host,
     )
 
 
@@ -180,12 +185,15 @@ def kill_controller(actor: Any) -> None:
     ray.kill(actor, no_restart=True)
 
 
-def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
+def deploy_router(config: TpgateConfig, settings: RouterSettings, *, environ: Mapping[str, str]) -> None:
+    """The router's application; its replicas get Serve's request-path settings of
+    :func:`gateway.cluster.serve_env.router_env_vars` (``environ`` overrides each)."""
     deployment = serve.deployment(
         RouterDeployment,
         name="router",
         num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0, "runtime_env": NO_DRAINING_WINDOW},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": router_env_vars(environ)}},
+        logging_config={"enable_access_log": config.router.serve_access_log},
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     )

@@ -100,7 +100,8 @@ def running_gateway(
                         f"seed only an empty store (--reset-state starts from them)")
                     sync_call(controller.reconcile.remote(now=True))
                 builders.deploy_router(config, builders.router_settings(
-                    config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
+                    config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)),
+                    environ=os.environ)
                 yield RunningGateway(client, controller, token_path, admin_token,
                                      f"http://{config.server.host}:{config.server.port}", runtime)
             except KeyboardInterrupt:

@@ -48,8 +48,10 @@ from gateway.dataplane.asgi import (
     send_json,
 )
 from gateway.dataplane.auth import api_key_class, require_admin
+from gateway.dataplane.front import FRONT_RECEIVED_HEADER, front_wait_s
 from gateway.dataplane.gate import ConcurrencyGate
 from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.metrics_targets import MetricsTarget
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -83,6 +85,7 @@ CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
+FRONT_STAMP = FRONT_RECEIVED_HEADER.encode()
 
 
 class ControlPlane(Protocol):
@@ -110,6 +113,11 @@ class RouterSettings:
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
+    # the front (HAProxy) stamps requests with FRONT_RECEIVED_HEADER: count latency from there
+    front_stamps: bool = False
+    # write a Prometheus file-SD target file here and serve /metrics on a port of this replica's own
+    metrics_targets_dir: str | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -117,6 +125,7 @@ class _Request:
     """What the router learnt of one proxied request so far (for its metrics and response headers)."""
 
     route: str = NO_CLASS
+    front_wait_s: float | None = None  # from the front door receiving it to the router starting on it
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
@@ -160,6 +169,7 @@ class Router:
         self._suspect_until: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_target: MetricsTarget | None = None
         self._table_ready = asyncio.Event()
         self._active: dict[asyncio.Task[Any], _Request] = {}  # proxied requests in flight, by their task
         self._handlers: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -213,6 +223,11 @@ class Router:
     async def start(self) -> None:
         self._session = new_session()
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+        if self._settings.metrics_targets_dir is not None:
+            target = MetricsTarget(self._settings.metrics_targets_dir, host=self._settings.metrics_host,
+                                   router_id=self._router_id, exposition=self.metrics.exposition)
+            await target.start()
+            self._metrics_target = target
 
     async def stop(self) -> None:
         self._end_inflight()
@@ -223,6 +238,8 @@ class Router:
                 await task
         if self._session is not None:
             await self._session.close()
+        if self._metrics_target is not None:
+            await self._metrics_target.stop()
 
     async def wait_for_table(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._table_ready.wait(), timeout_s)
@@ -348,6 +365,10 @@ class Router:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = _Request()
+        if self._settings.front_stamps:
+            request.front_wait_s = front_wait_s(header(scope, FRONT_STAMP), now_unix_s=time.time())
+            if request.front_wait_s is not None:
+                started -= request.front_wait_s  # latency counts from the front door
         task = asyncio.current_task()
         assert task is not None
         self._active[task] = request
@@ -500,6 +521,8 @@ class Router:
         outcome = request.outcome
         series = self.metrics.series(request.route, outcome.pool)
         series.requests(outcome.status).inc()
+        if request.front_wait_s is not None:
+            series.front_wait.observe(request.front_wait_s)
         if outcome.status != "200":
             return
         e2e_s = time.perf_counter() - started
