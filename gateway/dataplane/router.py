@@ -10,6 +10,10 @@ it (``x-tpgate-class``, ``x-tpgate-pool``).
 When the controller's table says the gateway is stopping, new requests get 503 (``stopping``, with Retry-After)
 and ``/health`` fails while the requests in flight run on; in the ``ending`` phase (or at the router's shutdown)
 those are ended too: a stream with a last SSE error event and ``[DONE]``, a request not yet answered with 503.
+On the HAProxy fast path its latency figures count from the front door (:mod:`gateway.dataplane.front`); with
+``router.metrics_targets_dir`` each replica also serves its own ``/metrics`` for Prometheus
+(:mod:`gateway.dataplane.metrics_targets`).
+
 The router lists the paths it serves as ``routes`` in the shape Ray Serve reads from an ASGI app, so Serve's
 access log and request metrics name the path (``POST /v1/chat/completions``) instead of the route prefix ``/``.
 
