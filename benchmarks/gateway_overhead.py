@@ -393,7 +393,8 @@ def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float,
         "pools": {"bench": {"tp": 1, "replicas": 1}},
         "routes": {"interactive": {"bench": 1.0}, "batch": {"bench": 1.0}},
         "auth": {"admin_token_file": str(token_file)},
-        "state_file": str(workdir / f"state-{run}.json"),
+        # one per gateway: a gateway restores the pools a stored state holds (with their engine's time scale)
+        "state_file": str(workdir / f"state-{run}-{time_scale:g}.json"),
     }
     config_path = workdir / f"tpgate-{run}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
