@@ -404,13 +404,27 @@ def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float,
     deadline = time.monotonic() + GATEWAY_START_TIMEOUT_S
     while "tpgate: ready" not in log.read_text(errors="replace"):
         procs.remember_descendants(process)
-        if process.poll() is not None:
-            raise RuntimeError(f"tpgate serve ({mode}) exited with {process.returncode}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"tpgate serve ({mode}) not ready within {GATEWAY_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+        exit_status = process.poll()
+        if exit_status is not None or time.monotonic() > deadline:
+            procs.stop(process)  # and what it left behind
+            what = (f"exited with {exit_status}" if exit_status is not None
+                    else f"not ready within {GATEWAY_START_TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"tpgate serve ({run}) {what}:\n{_tail(log)}")
         time.sleep(0.5)
     procs.remember_descendants(process)
     return Target(f"http://{LOOPBACK}:{port}", lambda: request_path(process.pid)), process
+
+
+def start_gateway_retrying(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
+                           env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
+    """:func:`start_gateway`, tried a second time when the first fails (on a crowded machine Ray's node can
+    time out while starting)."""
+    try:
+        return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
+    except RuntimeError as exc:
+        print(f"  tpgate serve ({run}) did not start, trying once more: {str(exc).splitlines()[-1]}",
+              file=sys.stderr, flush=True)
+        return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
 
 
 def request_path(gateway_pid: int) -> list[psutil.Process]:
@@ -514,7 +528,7 @@ def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
             baseline["lmdeploy proxy"] = start_lmdeploy_proxy(procs, workdir, behind_proxy)
         for run, mode, env in runs:
             print(f"  starting tpgate serve ({run}: {mode} {env or ''})", file=sys.stderr, flush=True)
-            gateway_target, gateway = start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
+            gateway_target, gateway = start_gateway_retrying(procs, workdir, mode, time_scale, run=run, env=env)
             try:
                 exposure.setdefault(run, listeners(gateway.pid))
                 targets = {"direct": direct, f"tpgate {run}": gateway_target} | {
