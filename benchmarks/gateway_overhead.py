@@ -380,6 +380,18 @@ def start_lmdeploy_proxy(procs: Processes, workdir: Path, engine: Target) -> Tar
     return Target(url, lambda: [psutil.Process(process.pid), *engine.processes()])
 
 
+def start_bare_router(procs: Processes, workdir: Path, engine: Target, phase: str) -> Target:
+    """`benchmarks/bare_router.py`: the router app under a bare uvicorn in front of ``engine``."""
+    port = free_port()
+    log = workdir / f"bare-router-{phase}.log"
+    argv = [sys.executable, str(Path(__file__).with_name("bare_router.py")), "--engine", engine.url,
+            "--port", str(port)]
+    process = procs.start(argv, log=log)
+    url = f"http://{LOOPBACK}:{port}"
+    _await_status(url + "/v1/models", 200, process, log)
+    return Target(url, lambda: [psutil.Process(process.pid), *engine.processes()])
+
+
 def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
                   env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
     """`tpgate serve` with one pool of one TP1 replica that every class routes to, with ``env`` added to its
@@ -526,6 +538,9 @@ def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
         if with_lmdeploy:
             behind_proxy = start_engine(procs, workdir, f"engine-lmdeploy-{phase}", time_scale)
             baseline["lmdeploy proxy"] = start_lmdeploy_proxy(procs, workdir, behind_proxy)
+        if args.bare_router:
+            baseline["bare router"] = start_bare_router(
+                procs, workdir, start_engine(procs, workdir, f"engine-bare-{phase}", time_scale), phase)
         for run, mode, env in runs:
             print(f"  starting tpgate serve ({run}: {mode} {env or ''})", file=sys.stderr, flush=True)
             gateway_target, gateway = start_gateway_retrying(procs, workdir, mode, time_scale, run=run, env=env)
@@ -622,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", choices=list(VARIANTS),
                         help="measure the HAProxy fast path with this variant's settings (repeatable; replaces "
                         "--mode; see VARIANTS)")
+    parser.add_argument("--bare-router", action="store_true",
+                        help="also measure the router app under a bare uvicorn, outside Ray Serve "
+                        "(benchmarks/bare_router.py)")
     parser.add_argument("--no-lmdeploy", action="store_true", help="leave LMDeploy's proxy out")
     parser.add_argument("--listeners", action="store_true", help="also list each gateway's listening sockets")
     parser.add_argument("--json", type=Path, help="also write the rows, listeners and the machine here")
