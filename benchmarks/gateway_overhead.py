@@ -119,6 +119,7 @@ class Row:
     added_gap_ms: float | None = None
     cpu_us_per_request: float | None = None  # CPU time of the processes on the request path (engine included)
     added_cpu_us_per_request: float | None = None
+    failures: int = 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,6 +135,7 @@ class Samples:
     ttfts_s: list[float] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
+    failures: int = 0  # requests that failed (connection dropped, non-200): left out of the figures
 
     def add(self, other: Samples) -> None:
         self.latencies_s += other.latencies_s
@@ -141,11 +143,12 @@ class Samples:
         self.ttfts_s += other.ttfts_s
         self.gaps_s += other.gaps_s
         self.cpu_s += other.cpu_s
+        self.failures += other.failures
 
     def row(self, run: str, target: str, mode: str) -> Row:
         ms = [s * 1000 for s in self.latencies_s]
         row = Row(run, target, mode, len(ms), percentile(ms, 50), percentile(ms, 99), len(ms) / self.elapsed_s,
-                  cpu_us_per_request=self.cpu_s / len(ms) * 1e6)
+                  cpu_us_per_request=self.cpu_s / len(ms) * 1e6, failures=self.failures)
         if self.ttfts_s:
             ttft_ms = [s * 1000 for s in self.ttfts_s]
             row.p50_ms, row.p99_ms = percentile(ttft_ms, 50), percentile(ttft_ms, 99)
@@ -183,7 +186,11 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, *, requests: int
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            samples.latencies_s.append(await _request(session, url, body))
+            try:
+                samples.latencies_s.append(await _request(session, url, body))
+            except (aiohttp.ClientError, RuntimeError) as exc:
+                samples.failures += 1
+                print(f"  {url}: {exc!r}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -550,6 +557,7 @@ def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
                     k: v for k, v in baseline.items() if k != "direct"}
                 print(f"  measuring {', '.join(targets)}", file=sys.stderr, flush=True)
                 rows += measure_phase(phase, targets, run, args)
+                print(markdown(rows), file=sys.stderr, flush=True)  # so far: a later failure loses nothing
             finally:
                 print(f"  stopping tpgate serve ({run})", file=sys.stderr, flush=True)
                 procs.stop(gateway)
@@ -584,7 +592,8 @@ def markdown(rows: list[Row]) -> str:
         cpu = f"{row.cpu_us_per_request:.0f}" if loaded and row.cpu_us_per_request is not None else ""
         cpu_added = (f"{row.added_cpu_us_per_request:+.0f}"
                      if loaded and row.added_cpu_us_per_request is not None else "")
-        lines.append(f"| {row.run} | {row.target} | {row.mode} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {rate} | "
+        target = f"{row.target} ({row.failures} failed)" if row.failures else row.target
+        lines.append(f"| {row.run} | {target} | {row.mode} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {rate} | "
                      f"{_fmt(row.added_p50_ms, True)} | {_fmt(row.added_ttft_p50_ms, True)} | "
                      f"{_fmt(row.gap_mean_ms)} | {_fmt(row.added_gap_ms, True)} | {cpu} | {cpu_added} |")
     return "\n".join(lines)
