@@ -59,6 +59,7 @@ TOKEN_GAP_S = 0.020
 STREAM_CONTEXT_TOKENS = 32
 LOOPBACK = "127.0.0.1"
 GATEWAY_START_TIMEOUT_S = 240.0
+GATEWAY_START_ATTEMPTS = 3
 IN_PATH_PREFIXES = ("ray::ProxyActor", "ray::ServeReplica:tpgate:")
 PROCESS_START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0
@@ -436,14 +437,15 @@ def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float,
 
 def start_gateway_retrying(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
                            env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
-    """:func:`start_gateway`, tried a second time when the first fails (on a crowded machine Ray's node can
-    time out while starting)."""
-    try:
-        return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
-    except RuntimeError as exc:
-        print(f"  tpgate serve ({run}) did not start, trying once more: {str(exc).splitlines()[-1]}",
-              file=sys.stderr, flush=True)
-        return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
+    """:func:`start_gateway`, tried up to :data:`GATEWAY_START_ATTEMPTS` times (on a crowded machine Ray's node
+    can time out while starting: Ray waits 30 s for its raylet)."""
+    for attempt in range(1, GATEWAY_START_ATTEMPTS):
+        try:
+            return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
+        except RuntimeError as exc:
+            print(f"  tpgate serve ({run}) did not start (attempt {attempt}): {str(exc).splitlines()[-1]}",
+                  file=sys.stderr, flush=True)
+    return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
 
 
 def request_path(gateway_pid: int) -> list[psutil.Process]:

@@ -250,23 +250,32 @@ def _sum_of(exposition: str, name: str, **labels: str) -> float:
     return total
 
 
-def _raw_request(gateway: FastPathGateway, body: dict) -> socket.socket:
+def _raw_request(port: int, body: dict) -> socket.socket:
     data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return sock
 
 
+def _serve_proxy_port(gateway: FastPathGateway) -> int:
+    """Serve's own HTTP proxy, HAProxy's backup server: the path of `server.fast_path: standard`."""
+    [words] = [w for w in _config_lines(gateway, "server") if w[-1] == "backup"]
+    return int(words[2].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("entry", ["front", "serve-proxy"])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_a_client_that_goes_away_aborts_its_engine_request(gateway, stream):
-    """Serve's own disconnect watcher is skipped on this path (HAProxy marks every request): the router's watch
-    on the same ASGI receive must still cancel the engine request."""
+def test_a_client_that_goes_away_aborts_its_engine_request(gateway, stream, entry):
+    """Through the front, Serve's own disconnect watcher is skipped (HAProxy marks every request): the router's
+    watch on the same ASGI receive must still cancel the engine request. Through Serve's proxy (the standard
+    mode's path, unmarked) the proxy's cancellation must reach the router running on the replica's loop."""
     marked = ["http-request", "set-header", "x-request-disconnect-disabled", "?1"]
     assert marked in _config_lines(gateway, "http-request")
+    port = gateway.port if entry == "front" else _serve_proxy_port(gateway)
     body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True, "stream": stream}
-    sock = _raw_request(gateway, body)
+    sock = _raw_request(port, body)
     try:
         if stream:
             assert b"data: " in sock.recv(65536)  # the stream started
