@@ -71,6 +71,7 @@ class StopSignal(io.TextIOBase):
     def __init__(self) -> None:
         super().__init__()
         self.stopped = threading.Event()
+        self.at_s = 0.0  # when the demo stopped the load (Unix time)
 
     def writable(self) -> bool:
         return True
@@ -124,16 +125,18 @@ def free_port() -> int:
 
 
 def start_load(gateway: Gateway, config: Mapping[str, Any], stop: StopSignal) -> list[threading.Thread]:
-    """Each class's own profile, put into wall time, for as long as the demo runs."""
+    """Each class's own profile, put into wall time, for as long as the demo runs; every request is recorded in
+    the work directory (:func:`load_records`)."""
     threads = []
     scale = float(config["engine"]["time_scale"])
     for class_name in CLASSES:
         profile = wall_profile(load_profile(config["classes"][class_name]["profile"]), scale, warmup_s=0,
                                duration_s=LOAD_S, route=class_name)
 
-        def run(profile: Any = profile) -> None:
+        def run(profile: Any = profile, class_name: str = class_name) -> None:
             try:
-                run_load(profile, gateway.url, progress=cast(TextIO, stop))
+                run_load(profile, gateway.url, progress=cast(TextIO, stop),
+                         records_path=gateway.workdir / f"load-{class_name}.jsonl")
             except Exception as exc:  # the stop signal ends the run with an error; anything else is said
                 if not stop.stopped.is_set():
                     say(f"load stopped early: {exc}")
@@ -142,6 +145,17 @@ def start_load(gateway: Gateway, config: Mapping[str, Any], stop: StopSignal) ->
         thread.start()
         threads.append(thread)
     return threads
+
+
+def load_records(workdir: Path, *, until_s: float) -> dict[str, tuple[int, int]]:
+    """Per class: (requests sent before ``until_s``, Unix time, that finished; how many of them failed)."""
+    outcome = {}
+    for class_name in CLASSES:
+        path = workdir / f"load-{class_name}.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        requests = [r for r in map(json.loads, lines) if r["type"] == "request" and r["start_s"] < until_s]
+        outcome[class_name] = (len(requests), sum(1 for r in requests if not r["ok"]))
+    return outcome
 
 
 def measure(gateway: Gateway, config: Mapping[str, Any]) -> dict[str, ClassWindow]:
@@ -243,6 +257,17 @@ def shorten(line: str) -> str:
     return line.split("  best #")[0].split("  no feasible")[0]
 
 
+def slo_text(slo: Mapping[str, float]) -> str:
+    """A class's SLO as the table's columns name it: "TTFT p99 <= 500 ms, error rate <= 0.10%"."""
+    parts = []
+    for key, label in (("ttft_p99_s", "TTFT p99"), ("tpot_p99_s", "TPOT p99")):
+        if slo.get(key) is not None:
+            parts.append(f"{label} <= {slo[key] * 1000:,.0f} ms")
+    if slo.get("error_rate_max") is not None:
+        parts.append(f"errors <= {slo['error_rate_max']:.2%}")
+    return ", ".join(parts)
+
+
 def table(before: Mapping[str, ClassWindow], after: Mapping[str, ClassWindow]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:,.0f} ms"
@@ -258,7 +283,19 @@ def table(before: Mapping[str, ClassWindow], after: Mapping[str, ClassWindow]) -
     return "\n".join(lines)
 
 
+def stop_load(stop: StopSignal, threads: list[threading.Thread]) -> float:
+    """Stop the load (each locust within a progress period); returns when it was told to, in Unix time."""
+    if not stop.stopped.is_set():
+        stop.stopped.set()
+        say("stopping the load")
+        stop.at_s = time.time()
+    for thread in threads:
+        thread.join(timeout=LOAD_STOP_TIMEOUT_S)
+    return stop.at_s
+
+
 def main() -> int:
+    started_s = time.monotonic()
     config = yaml.safe_load(CONFIG.read_text())
     with tempfile.TemporaryDirectory(prefix="tpgate-demo-") as scratch:
         workdir = Path(scratch)
@@ -285,14 +322,19 @@ def main() -> int:
             print()
             print(table(before, after))
             print()
+            print("SLOs: " + "; ".join(f"{name} {slo_text(config['classes'][name]['slo'])}" for name in CLASSES))
             print("routes: " + json.dumps(state["routes"]))
-            return 0
+            print()
+            stopped_s = stop_load(stop, threads)
+            outcome = load_records(workdir, until_s=stopped_s)
+            print("requests over the whole demo, studies and promotions included: " + ", ".join(
+                f"{name} {sent:,} ({failed} failed)" for name, (sent, failed) in outcome.items()))
+            return 0 if all(failed == 0 for _, failed in outcome.values()) else 1
         finally:
-            stop.stopped.set()
-            say("stopping the load and the gateway")
-            for thread in threads:  # each stops its locust within a progress period
-                thread.join(timeout=LOAD_STOP_TIMEOUT_S)
+            stop_load(stop, threads)
+            say("stopping the gateway")
             gateway.stop()
+            say(f"done in {(time.monotonic() - started_s) / 60:.1f} min")
 
 
 if __name__ == "__main__":
