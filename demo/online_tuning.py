@@ -235,6 +235,10 @@ def tune_and_promote(gateway: Gateway, class_name: str) -> None:
     say(f"{class_name}: study {detail['state']}; winner: " + (best["label"] if best else "none"))
     if not best:
         return
+    current = running_already(api.get("/admin/state"), class_name, best["params"])
+    if current is not None:
+        say(f"{class_name}: the winner is what the class runs already (pool {current}): nothing to promote")
+        return
     promotion = api.call("POST", f"/admin/tuning/{study['id']}/promote", {})
     say(f"{class_name}: promotion {promotion['id']} to {promotion['candidate']['id']}, steps "
         + " -> ".join(f"{w:.0%}" for w in promotion["policy"]["steps"]))
@@ -253,6 +257,19 @@ def tune_and_promote(gateway: Gateway, class_name: str) -> None:
                 say(f"  {class_name}: {current['reason']}")
             return
         time.sleep(1)
+
+
+def running_already(state: Mapping[str, Any], class_name: str, params: Mapping[str, Any]) -> str | None:
+    """The pool that serves all of the class with the configuration ``params`` (tp, replicas, knobs), if one does."""
+    weights = state["routes"][class_name]
+    if len(weights) != 1:
+        return None
+    (pool_id,) = weights
+    pool = state["pools"][pool_id]
+    knobs = pool["engine"]["knobs"]
+    same = (pool["tp"], pool["replicas"]) == (params["tp"], params["replicas"]) and all(
+        knobs.get(name) == value for name, value in params.items() if name not in ("tp", "replicas"))
+    return str(pool_id) if same else None
 
 
 def shorten(line: str) -> str:
