@@ -221,6 +221,9 @@ class RouterConfig(StrictModel):
     request_timeout_s: float = Field(default=1800.0, gt=0, description="whole request; also the drain deadline")
     max_attempts: int = Field(default=3, ge=1, description="tries on different replicas before any byte is sent")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(default=30.0, gt=0,
+                                       description="the whole request body must arrive within this, else 408")
+    max_json_depth: int = Field(default=64, ge=4, le=512, description="nesting of a request body's JSON, else 400")
     retry_after_s: int = Field(default=1, ge=1)
 
 
@@ -245,6 +248,45 @@ class AuthConfig(StrictModel):
                                 description="token of the Ray cluster tpgate starts (token authentication)")
 
 
+class DriftClassConfig(StrictModel):
+    """When a class's live traffic no longer looks like the traffic it was tuned for, and what may follow.
+
+    Ratios compare the live profile with the class's reference profile both ways (``concurrency_ratio: 4`` marks
+    four times as many requests in flight, or a quarter as many); null turns a distance off. A distance counts
+    only when it holds over ``window_s`` (in at least ``sustained_share`` of the window's intervals), so a
+    burst shorter than the window never marks a class. The re-tune rails (``min_retune_interval_s``,
+    ``max_gpus``, ``margin_ratio``) bound what ``auto`` may do; ``advisory`` reports the decision only.
+    """
+
+    mode: Literal["off", "advisory", "auto"] = "advisory"
+    window_s: float = Field(default=600.0, gt=0, description="a shift must last this long (seconds)")
+    concurrency_ratio: float | None = Field(default=4.0, gt=1, description="mean requests in flight vs reference")
+    arrival_rate_ratio: float | None = Field(default=None, gt=1, description="arrivals per second vs reference")
+    prompt_median_ratio: float | None = Field(default=2.0, gt=1, description="median prompt tokens vs reference")
+    output_median_ratio: float | None = Field(default=2.0, gt=1, description="median output tokens vs reference")
+    slo_attainment_min: float | None = Field(
+        default=None, gt=0, le=1, description="share of successful requests that met every SLO, at least")
+    min_requests: int = Field(default=20, ge=1,
+                              description="an interval with fewer finished requests says nothing about lengths")
+    sustained_share: float = Field(default=1.0, gt=0.5, le=1,
+                                   description="share of the window's intervals a shift must hold in")
+    min_retune_interval_s: float = Field(default=3600.0, ge=0, description="between two re-tunes of the class")
+    max_gpus: int | None = Field(default=None, ge=1, description="GPUs a re-tune may use (default: all free)")
+    margin_ratio: float = Field(default=0.05, ge=0, lt=1,
+                                description="a re-tune's winner must beat the current pool by this much")
+
+
+class DriftConfig(StrictModel):
+    """Drift detection per workload class (classes not listed are not watched)."""
+
+    interval_s: float = Field(default=30.0, gt=0, description="the monitor reads the metrics this often (seconds)")
+    sample_s: float = Field(default=5.0, gt=0, description="direct scrapes: read the requests in flight this often "
+                            "within an interval (seconds; none in between when not shorter than interval_s)")
+    classes: dict[str, DriftClassConfig] = Field(default_factory=dict)
+    reference_file: str = Field(default="~/.tpgate/drift-references.json",
+                                description="reference profiles when no controller holds them")
+
+
 class TpgateConfig(BaseSettings):
     """Everything a tpgate process needs to know. Build it with :func:`load_config`: constructing one directly
     reads no environment (the layering is explicit there)."""
@@ -266,6 +308,7 @@ class TpgateConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     classes: dict[str, WorkloadClassConfig] = Field(default_factory=_default_classes)
     default_class: str = "interactive"
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
     routes: dict[str, dict[str, float]] = Field(default_factory=dict)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
@@ -302,6 +345,14 @@ class TpgateConfig(BaseSettings):
                 raise ValueError(f"route {route!r} names unknown pools {sorted(unknown)}")
             if abs(sum(weights.values()) - 1) > 1e-6:
                 raise ValueError(f"route {route!r}: weights sum to {sum(weights.values()):g}, not 1")
+        unknown_drift = sorted(set(self.drift.classes) - set(self.classes))
+        if unknown_drift:
+            raise ValueError(f"drift.classes names unknown classes {unknown_drift} "
+                             f"(classes: {', '.join(self.classes)})")
+        for name, drift in self.drift.classes.items():
+            if drift.window_s < self.drift.interval_s:
+                raise ValueError(f"drift.classes.{name}.window_s ({drift.window_s:g}) is shorter than "
+                                 f"drift.interval_s ({self.drift.interval_s:g})")
         return self
 
     @property

@@ -136,8 +136,6 @@ def router_settings(
     config: TpgateConfig, *, api_key_classes: dict[str, str | None], admin_digest: str
 ) -> RouterSettings:
     r = config.router
-    if api_key_classes:  # trial traffic of online studies carries the admin token: it is a key too
-        api_key_classes = {**api_key_classes, admin_digest: api_key_classes.get(admin_digest)}
     return RouterSettings(
         timeouts=Timeouts(connect_s=r.connect_timeout_s, first_byte_s=r.first_byte_timeout_s,
                           idle_s=r.stream_idle_timeout_s, total_s=r.request_timeout_s),
@@ -145,6 +143,8 @@ def router_settings(
         queue_timeout_s=r.queue_timeout_s,
         max_attempts=r.max_attempts,
         max_body_bytes=r.max_body_bytes,
+        body_read_timeout_s=r.body_read_timeout_s,
+        max_json_depth=r.max_json_depth,
         retry_after_s=r.retry_after_s,
         api_key_classes=api_key_classes,
         admin_token_digest=admin_digest,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from gateway.dataplane.asgi import Scope, header
 from gateway.errors import ApiError
@@ -23,6 +24,23 @@ def bearer_token(scope: Scope) -> str | None:
         return None
     scheme, _, token = value.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a proxied request: the admin (the tuner measuring a trial) or a client with an API key's class."""
+
+    admin: bool
+    key_class: str | None
+
+
+def authorize(scope: Scope, key_classes: Mapping[str, str | None], admin_digest: str | None) -> Caller:
+    """The caller of a proxied request. The admin token is accepted wherever an API key is (the tuner sends it
+    to reach trial routes); otherwise the API key rules of :func:`api_key_class` apply."""
+    token = bearer_token(scope)
+    if token is not None and admin_digest is not None and hmac.compare_digest(secret_digest(token), admin_digest):
+        return Caller(admin=True, key_class=None)
+    return Caller(admin=False, key_class=api_key_class(scope, key_classes))
 
 
 def api_key_class(scope: Scope, key_classes: Mapping[str, str | None]) -> str | None:

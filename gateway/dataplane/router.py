@@ -47,9 +47,10 @@ from gateway.dataplane.asgi import (
     send_error,
     send_json,
 )
-from gateway.dataplane.auth import api_key_class, require_admin
+from gateway.dataplane.auth import authorize, require_admin
+from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
-from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.metrics import NO_CLASS, NO_POOL, ClassSeries, GatewayMetrics
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -119,6 +120,8 @@ class RouterSettings:
     queue_timeout_s: float = 2.0
     max_attempts: int = 3
     max_body_bytes: int = 8 * 1024 * 1024
+    body_read_timeout_s: float = 30.0
+    max_json_depth: int = 64
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
@@ -132,6 +135,7 @@ class _Request:
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
+    class_series: ClassSeries | None = None  # its class's live-profile series, once classified
 
 
 class ServedPath:
@@ -183,6 +187,7 @@ class Router:
             ("GET", "/metrics"): self._metrics,
             ("GET", "/health"): self._health,
             ("GET", "/admin/status"): self._admin_status,
+            ("GET", "/admin/engine-targets"): self._engine_targets,
         }
         self._paths = {path for _, path in self._handlers}
         # in the handlers' order, the hot paths first: Serve tries them in turn on every request
@@ -326,7 +331,7 @@ class Router:
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api_key_class(scope, self._settings.api_key_classes)
+        authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
         self._require_table()
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tpgate", "simulated": simulated}
                 for model, simulated in served_models(self._table)]
@@ -352,6 +357,12 @@ class Router:
     async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_admin(scope, self._settings.admin_token_digest)
         await send_json(send, 200, await self._control.raw_status())
+
+    async def _engine_targets(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The engines to scrape, in Prometheus' HTTP service-discovery format (``http_sd_configs``), labelled
+        with their pool and replica: Prometheus follows pools as they come and go (admin token)."""
+        require_admin(scope, self._settings.admin_token_digest)
+        await send_json(send, 200, engine_targets(self._table))
 
     def _require_table(self) -> None:
         if not self._table.published:
@@ -386,6 +397,8 @@ class Router:
             await self._send_ended(send, request)
         finally:
             del self._active[task]
+            if request.class_series is not None:
+                request.class_series.inflight.dec()
             self._record(request, started)
 
     async def _send_ended(self, send: Send, request: _Request) -> None:
@@ -402,20 +415,18 @@ class Router:
             await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
-        key_class = api_key_class(scope, self._settings.api_key_classes)
-        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "request body must be a JSON object")
+        caller = authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
+        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes,
+                               timeout_s=self._settings.body_read_timeout_s)
+        payload = parse_json_object(body, max_depth=self._settings.max_json_depth)
         self._require_table()
         table = self._table
         route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
-                         key_class=key_class)
+                         key_class=caller.key_class, trial_allowed=caller.admin)
         request.route = route.route
         stream = request.stream = payload.get("stream") is True
+        request.class_series = self.metrics.class_series(route.route)
+        request.class_series.arrived(scope["path"], stream)
         forward_usage = True
         if stream:
             payload, forward_usage = with_usage_requested(payload)
@@ -528,6 +539,10 @@ class Router:
         tokens = outcome.output_tokens or outcome.content_events
         series.output_tokens.inc(tokens)
         series.prompt_tokens.inc(outcome.prompt_tokens)
+        if request.class_series is not None:
+            if outcome.prompt_tokens:
+                request.class_series.prompt_length.observe(outcome.prompt_tokens)
+            request.class_series.output_length.observe(tokens)
         ttft_s = tpot_s = None
         if outcome.first_token_at is not None:
             ttft_s = outcome.first_token_at - started
@@ -542,6 +557,13 @@ class Router:
             if slo.met(ttft_s=None if ttft_s is None else ttft_s * scale,
                        tpot_s=None if tpot_s is None else tpot_s * scale, e2e_s=e2e_s * scale):
                 series.slo_met.inc()
+
+
+def engine_targets(table: RoutingTable) -> list[dict[str, Any]]:
+    """One Prometheus HTTP SD target group per healthy engine replica."""
+    return [{"targets": [endpoint.url.split("://", 1)[-1]],
+             "labels": {"pool": pool.id, "replica": endpoint.replica_id, "tp": str(pool.tp)}}
+            for pool in table.pools.values() for endpoint in pool.endpoints]
 
 
 def _served_by(request: _Request) -> list[tuple[str, str]]:
