@@ -13,6 +13,7 @@ leaves replicas unscheduled.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +56,11 @@ SHUTDOWN_WAIT_LOOP_S = 0.2
 # replica, and the requests in flight are still waited for. The replica reads the variable when it starts, so
 # this holds in a cluster tpgate joins too.
 NO_DRAINING_WINDOW = {"env_vars": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
+# Building a deployment registers a module with cloudpickle's process-wide "pickle by value" set and unregisters it
+# after; two deploys in threads at once (the controller deploys in worker threads: a promotion's new pool while the
+# reconcile loop repairs another) make the second unregister fail ("... is not registered for pickle by value"),
+# failing that pool's deploy. Deploys in this process take turns.
+_DEPLOYING = threading.Lock()
 
 
 def pool_app_name(pool_id: str) -> str:
@@ -70,6 +76,12 @@ class ServePoolDeployer:
     health_check_period_s: float
 
     def deploy(self, pool: PoolSpec) -> None:
+        """Deploy (or update) the pool's application; one deploy at a time in this process (see
+        :data:`_DEPLOYING`)."""
+        with _DEPLOYING:
+            self._deploy(pool)
+
+    def _deploy(self, pool: PoolSpec) -> None:
         deployment = serve.deployment(
             EnginePoolReplica,
             name="engine",

@@ -5,7 +5,9 @@ A study runs the tuner's study engine (:func:`tuner.tune`, imported only when a 
 gateway: its trials are pools on trial routes, on the GPUs the production pools leave free, up to
 ``tuning.max_gpus`` and less what other running studies hold. Trial traffic carries the admin token and names its
 trial route; production routes never name a trial pool. Where no GPU is left, or the class is being tuned
-already, the study is refused with the numbers (:class:`StudyConflict`).
+already, the study is refused with the numbers (:class:`StudyConflict`). A study tunes with the class's
+configured load profile, or with one it brings (``profile``: for example the traffic the class sees now), which
+is validated as ``tpgate load`` validates one and kept next to the state file.
 
 Every study has a reference in the controller's store (the ``studies`` record section: class, Optuna study and
 storage, state, best so far, the promotion it led to), kept up to date as trials finish; a service that starts
@@ -78,6 +80,10 @@ class StudyRequest(BaseModel):
     trial_timeout_s: float | None = Field(default=None, gt=0)
     guided_trials: int | None = Field(default=None, ge=0)
     knobs: dict[str, list[Any]] | None = Field(default=None, description="tuning.knobs values to try, by knob")
+    profile: dict[str, Any] | None = Field(
+        default=None, description="the load to tune with instead of the class's configured profile (the fields of "
+                                  "a `tpgate load` profile, in the engine's clock): for example the class's traffic "
+                                  "as observed")
 
     def tuning(self, base: TuningConfig) -> TuningConfig:
         """``base`` with this request's overrides; StudyRejected naming a bad value."""
@@ -170,7 +176,8 @@ class TuningService:
         class_name = wanted.class_name
         if class_name not in self._config.classes:
             raise StudyRejected(f"unknown class {class_name!r} (classes: {', '.join(self._config.classes)})")
-        if self._config.classes[class_name].profile is None:
+        profile_yaml = None if wanted.profile is None else _profile_yaml(wanted.profile)
+        if profile_yaml is None and self._config.classes[class_name].profile is None:
             raise StudyRejected(f"class {class_name!r} has no load profile to tune with (classes.{class_name}.profile)")
         async with self._lock:
             await self._load()
@@ -187,6 +194,15 @@ class TuningService:
             if gpus < 1:
                 raise StudyConflict(f"no GPU free for a study of class {class_name!r}: {counted}")
             config = self._config.model_copy(update={"tuning": tuning.model_copy(update={"max_gpus": gpus})})
+            study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
+            profile_path = None
+            if profile_yaml is not None:  # the study's own profile, kept next to the state file
+                profile_path = Path(self._config.state_file).expanduser().resolve().with_name(
+                    f"study-{study_id}-profile.yaml")
+                await asyncio.to_thread(_write_text, profile_path, profile_yaml)
+                classes = dict(config.classes)
+                classes[class_name] = classes[class_name].model_copy(update={"profile": str(profile_path)})
+                config = config.model_copy(update={"classes": classes})
             try:
                 from tuner import build_space
 
@@ -194,12 +210,11 @@ class TuningService:
             except UserError as exc:
                 raise StudyConflict(f"{exc} ({counted})") from None
             await asyncio.to_thread(_prepare_storage, self.storage)
-            study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
             reference: dict[str, Any] = {
                 "id": study_id, "class": class_name, "study_name": f"online-{study_id}", "storage": self.storage,
                 "state": "running", "trials": wanted.trials, "gpus": space.gpus, "tp_sizes": list(space.tp_sizes),
                 "started_unix_s": self._wall_clock(), "ended_unix_s": None, "reason": None, "measured_trials": 0,
-                "best": None, "promotion": None,
+                "best": None, "promotion": None, "profile": None if profile_path is None else str(profile_path),
             }
             study = _Study(reference)
             self._studies[study_id] = study
@@ -378,6 +393,27 @@ def _describe_record(record: Any) -> dict[str, Any]:
             "gpus": record.candidate.gpus, "outcome": record.outcome, "reason": record.reason,
             "objectives": None if record.objectives is None else list(record.objectives), "measured": figures,
             "guided": record.guided}
+
+
+def _profile_yaml(fields: Mapping[str, Any]) -> str:
+    """A study's own load profile as YAML, validated as ``tpgate load`` validates one; StudyRejected naming the
+    bad field."""
+    import yaml
+
+    from loadtests import LoadTestInputError
+    from loadtests.profile import validate_profile
+
+    data = {"name": "study", **fields}
+    try:
+        validate_profile(data, source="profile")
+    except LoadTestInputError as exc:
+        raise StudyRejected(str(exc)) from None
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _prepare_storage(url: str) -> None:
