@@ -222,13 +222,15 @@ class ScriptedRunner:
     invalid: Mapping[int, str] = field(default_factory=dict)
     cancel_at: int | None = None
     runs: list[Any] = field(default_factory=list)
+    run_numbers: list[int] = field(default_factory=list)  # the ``run`` of each call
     closed: int = 0
 
-    async def run(self, candidate: Any, *, number: int) -> Any:
+    async def run(self, candidate: Any, *, number: int, run: int = 0) -> Any:
         self.runs.append(candidate)
+        self.run_numbers.append(run)
         if self.cancel_at == len(self.runs):
             raise asyncio.CancelledError
-        measurement = await self.inner.run(candidate, number=number)
+        measurement = await self.inner.run(candidate, number=number, run=run)
         if candidate.tp in self.fail:
             return replace(measurement, failure=self.fail[candidate.tp], wall=None, clock=None)
         if candidate.tp in self.invalid:

@@ -100,7 +100,10 @@ async def test_an_interrupted_study_resumes_from_its_storage(tmp_path):
     result = await second.run()
     assert result.measured_trials == 4 and len(rerun.runs) == 3  # one was measured before the interruption
     assert interrupted in rerun.runs
-    assert len({tuple(sorted(r.candidate.params().items())) for r in result.records}) == 4
+    deployed = [r for r in result.records if r.outcome != "rejected" and r.reused_from is None]
+    assert len(deployed) == 4 and all(r.remeasure_of is None or r.run == 1 for r in deployed)
+    first_runs = {tuple(sorted(r.candidate.params().items())) for r in deployed if r.remeasure_of is None}
+    assert len(first_runs) == 4 - sum(r.remeasure_of is not None for r in deployed)
 
 
 async def test_trials_left_running_by_a_killed_process_are_failed_and_requeued(tmp_path):
@@ -139,8 +142,11 @@ async def test_a_study_stops_when_every_candidate_was_measured():
     driver, runner, space, *_ = setup(config, n_trials=5)
     result = await driver.run()
     assert len(space.candidates()) == 2
-    assert result.stopped_by == "exhausted" and result.measured_trials == 2 and len(runner.runs) == 2
-    assert len(result.best) == 1 and result.best[0].outcome == "feasible"
+    # both configurations, and the leader once more (with the next load seed) before it could win
+    assert result.stopped_by == "exhausted" and result.measured_trials == 3 and len(runner.runs) == 3
+    assert sorted(runner.run_numbers) == [0, 0, 1]
+    assert len(result.best) == 1 and result.best[0].outcome == "feasible" and result.best_confirmed
+    assert runner.runs[runner.run_numbers.index(1)] == result.best[0].candidate
 
 
 async def test_the_timeout_stops_starting_trials():
