@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -31,12 +32,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpgate", description="Autotuning serving gateway for LMDeploy.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         summary = (module.__doc__ or name).strip().splitlines()[0]
         module.add_arguments(sub.add_parser(name, help=summary, description=summary))
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (from its package metadata)."""
+    return importlib.metadata.version("tpgate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

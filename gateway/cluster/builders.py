@@ -37,6 +37,16 @@ ROUTER_MAX_ONGOING_REQUESTS = 100_000
 LEASE_HEALTH_CHECKS = 3
 LEASE_MARGIN_S = 5.0
 DRAIN_MARGIN_S = 5.0  # beyond the request timeout: a drained pool is deleted at the latest by then
+# How often a stopping replica checks whether Serve still counts requests on it (Serve's default is 2 s, paid once
+# by every replica that stops). Pool replicas never carry requests (they bypass Serve); the router's are waited for.
+SHUTDOWN_WAIT_LOOP_S = 0.2
+# In direct-ingress mode Serve keeps every stopping ingress replica (the router, and each pool: the one deployment
+# of its application) reachable this long before it closes its listener, so that an external load balancer can
+# deregister it: Serve's default is 30 s, on every stop, with nothing in flight. Pools take no requests through
+# Serve at all; in front of the router there is only HAProxy, which retries a refused connection on another
+# replica, and the requests in flight are still waited for. The replica reads the variable when it starts, so
+# this holds in a cluster tpgate joins too.
+NO_DRAINING_WINDOW = {"env_vars": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
 
 
 def pool_app_name(pool_id: str) -> str:
@@ -56,10 +66,11 @@ class ServePoolDeployer:
             EnginePoolReplica,
             name="engine",
             num_replicas=pool.replicas,
-            ray_actor_options={"num_gpus": pool.tp, "num_cpus": 0},
+            ray_actor_options={"num_gpus": pool.tp, "num_cpus": 0, "runtime_env": NO_DRAINING_WINDOW},
             health_check_period_s=self.health_check_period_s,
             health_check_timeout_s=max(10.0, 2 * self.health_check_period_s),
             graceful_shutdown_timeout_s=self.stop_timeout_s + 5,
+            graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
             max_ongoing_requests=16,
         )
         app = deployment.bind(  # type: ignore[attr-defined]
@@ -174,7 +185,8 @@ def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
         RouterDeployment,
         name="router",
         num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "runtime_env": NO_DRAINING_WINDOW},
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     )
     serve.run(deployment.bind(settings), name=ROUTER_APP, route_prefix="/")  # type: ignore[attr-defined]

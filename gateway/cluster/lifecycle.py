@@ -4,11 +4,15 @@ of its own): start or join Ray, bring up the controller and the router, and take
 The controller is found or created (:func:`controller_for`): one left in the cluster by an earlier
 ``tpgate serve`` is reused when it has the same settings and its owner is gone, replaced (saying so) when its
 settings differ, and refused while its owner still runs. Its stored state is restored unless ``reset_state``;
-otherwise it is seeded with ``initial``. On the way out, the router and the pools this gateway deployed are
-deleted (each pool stops its engines), then the controller; other Serve applications are left alone.
+otherwise it is seeded with ``initial``.
 
-SIGINT and SIGTERM both raise KeyboardInterrupt in the main thread while the gateway runs, whatever the process
-inherited (a shell starts background jobs with SIGINT ignored).
+Stopping (:mod:`gateway.cluster.stopping`): SIGINT and SIGTERM both raise KeyboardInterrupt in the main thread
+while the gateway runs, whatever the process inherited (a shell starts background jobs with SIGINT ignored). The
+routers then refuse new requests and the gateway waits, saying how many are left, for those in flight (at most
+``router.request_timeout_s``); a second signal ends them. Then the controller goes first (so that its reconcile
+loop cannot deploy again a pool being deleted), and the router and the pools this gateway deployed are deleted
+together (each pool stops its engines); other Serve applications are left alone. Ray, when this process started
+it, stops last, taking Serve's own actors with it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.cluster.runtime import ensure_admin_token, ray_cluster, read_admin_token
+from gateway.cluster.runtime import RayRuntime, ensure_admin_token, ray_cluster, read_admin_token
+from gateway.cluster.stopping import StopSignals, drain, plural
 from gateway.config import TpgateConfig
 from gateway.control.client import ControlClient, StateRejected
 from gateway.control.state import Capacity, DesiredState
@@ -48,6 +51,7 @@ class RunningGateway:
     token_path: Path
     admin_token: str
     url: str
+    ray: RayRuntime
 
 
 def capacity_of(config: TpgateConfig) -> Capacity:
@@ -70,37 +74,48 @@ def running_gateway(
     if reset_state:
         StateStore(config.state_file).reset()
     capacity = capacity_of(config)
-    # after ray.init, which installs a SIGTERM handler of its own that aborts the process mid-teardown
-    with ray_cluster(config) as started_ray, interrupt_on_signals():
-        from ray import serve
+    signals = StopSignals()
+    try:
+        # signals after ray.init, which installs a SIGTERM handler of its own that aborts the process mid-teardown
+        with ray_cluster(config) as runtime, signals:
+            from ray import serve
 
-        from gateway.cluster import builders
+            from gateway.cluster import builders
 
-        serve.start(http_options={"host": config.server.host, "port": config.server.port})
-        client = ControlClient(name=builders.CONTROLLER_NAME, namespace=builders.NAMESPACE)
-        controller = None
-        try:
-            controller = controller_for(builders.controller_settings(config, capacity), builders.pool_deployer(config),
-                                        say=say)
-            description = sync_call(client.describe())
-            if description["store_error"]:
-                raise UserError(description["store_error"])
-            if reset_state or not description["restored"]:
-                sync_call(client.apply(initial))
-            else:
-                say(f"restored {description['pools']} pools and {description['routes']} routes (state version "
-                    f"{description['version']}) from {config.state_file}; the configuration's pools and routes "
-                    f"seed only an empty store (--reset-state starts from them)")
-                sync_call(controller.reconcile.remote(now=True))
-            builders.deploy_router(config, builders.router_settings(
-                config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
-            yield RunningGateway(client, controller, token_path, admin_token,
-                                 f"http://{config.server.host}:{config.server.port}")
-        except KeyboardInterrupt:
-            say("stopping")
-            raise
-        finally:
-            teardown(client, controller, config, started_ray=started_ray)
+            serve.start(http_options={"host": config.server.host, "port": config.server.port})
+            client = ControlClient(name=builders.CONTROLLER_NAME, namespace=builders.NAMESPACE)
+            controller = None
+            try:
+                settings = builders.controller_settings(config, capacity)
+                controller = controller_for(settings, builders.pool_deployer(config), say=say)
+                sync_call(client.set_stop_phase(""))  # a reused controller may have been told to stop
+                description = sync_call(client.describe())
+                if description["store_error"]:
+                    raise UserError(description["store_error"])
+                if reset_state or not description["restored"]:
+                    sync_call(client.apply(initial))
+                else:
+                    say(f"restored {description['pools']} pools and {description['routes']} routes (state version "
+                        f"{description['version']}) from {config.state_file}; the configuration's pools and routes "
+                        f"seed only an empty store (--reset-state starts from them)")
+                    sync_call(controller.reconcile.remote(now=True))
+                builders.deploy_router(config, builders.router_settings(
+                    config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
+                yield RunningGateway(client, controller, token_path, admin_token,
+                                     f"http://{config.server.host}:{config.server.port}", runtime)
+            except KeyboardInterrupt:
+                say("stopping")
+                if controller is not None:
+                    drain(client, signals, limit_s=config.router.request_timeout_s, call=sync_call,
+                          say=lambda line: say(f"stopping: {line}"))
+                raise
+            finally:
+                if controller is not None:  # without one, nothing here is this gateway's to remove
+                    with signals.answered(say, "still stopping: removing what this gateway deployed"):
+                        teardown(client, controller, config, say=say)
+    finally:
+        if signals.first_at is not None:
+            say(f"stopped in {time.monotonic() - signals.first_at:.1f} s")
 
 
 def controller_for(settings: Any, deployer: Any, *, say: Callable[[str], None]) -> Any:
@@ -153,9 +168,10 @@ def sync_call(awaitable: Awaitable[Any]) -> Any:
         raise UserError(str(exc)) from None
 
 
-def teardown(client: ControlClient, controller: Any, config: TpgateConfig, *, started_ray: bool) -> None:
-    """Delete the router and the pools this gateway deployed (all at once; each pool stops its engines), then
-    the controller. Other Serve applications in the cluster are left alone."""
+def teardown(client: ControlClient, controller: Any, config: TpgateConfig, *, say: Callable[[str], None]) -> None:
+    """Kill the controller, then delete the router and the pools this gateway deployed (all at once; each pool
+    stops its engines). The controller goes first so that its reconcile loop cannot deploy a pool again while it
+    is deleted. Other Serve applications in the cluster are left alone; Serve itself stops with Ray."""
     from ray import serve
 
     from gateway.cluster.builders import ROUTER_APP, kill_controller, pool_app_name
@@ -165,23 +181,23 @@ def teardown(client: ControlClient, controller: Any, config: TpgateConfig, *, st
     except Exception:  # no controller: what the store says this gateway runs
         stored = _stored_state(config)
         pool_ids = list(stored.state.pools) if stored is not None else []
+    with contextlib.suppress(Exception):
+        kill_controller(controller)
     ours = {ROUTER_APP, *map(pool_app_name, pool_ids)}
 
     def running() -> list[str]:
         return [name for name in serve.status().applications if name in ours]
 
     with contextlib.suppress(Exception):
-        for name in running():
+        names = running()
+        if names:
+            pools = [name for name in names if name != ROUTER_APP]
+            say(f"stopping: removing {plural(len(pools), 'pool')}" + (" and the router" if ROUTER_APP in names else ""))
+        for name in names:
             serve.delete(name, _blocking=False)
         deadline = time.monotonic() + TEARDOWN_TIMEOUT_S
         while running() and time.monotonic() < deadline:
             time.sleep(0.2)
-    if controller is not None:
-        with contextlib.suppress(Exception):
-            kill_controller(controller)
-    if started_ray:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
 
 
 def _stored_state(config: TpgateConfig) -> StoredState | None:
@@ -190,17 +206,3 @@ def _stored_state(config: TpgateConfig) -> StoredState | None:
     except StoreError:
         return None
 
-
-@contextlib.contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, whatever was inherited."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sys.stdout.flush()

@@ -15,10 +15,13 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.cluster import haproxy_guard
+from gateway.cluster.ports import check_ports_free
+from gateway.cluster.ray_logs import driver_log_path, ray_logs_to
 from gateway.config import TpgateConfig
 from gateway.dataplane.auth import secret_digest
 from gateway.errors import UserError
@@ -74,11 +77,26 @@ def read_admin_token(path: Path) -> str:
     return token
 
 
+@dataclass(frozen=True)
+class RayRuntime:
+    """The Ray cluster a gateway runs on: whether this process started it, and where this process's Ray messages
+    go (in the session's log directory, beside those of Ray's other processes and the engines)."""
+
+    started: bool
+    log_path: Path
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.log_path.parent
+
+
 @contextlib.contextmanager
-def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
-    """Start Ray (or join ``config.ray_address``); yields whether this process started it."""
+def ray_cluster(config: TpgateConfig) -> Iterator[RayRuntime]:
+    """Start Ray (or join ``config.ray_address``). Starting one, the ports the gateway will listen on are checked
+    first (:func:`gateway.cluster.ports.check_ports_free`); a cluster joined may already serve them itself."""
     started = config.ray_address is None
     if started:  # a cluster we join keeps its own authentication settings (the operator's environment)
+        check_ports_free(config, os.environ)
         # before Ray is imported: it reads its authentication mode from the environment once
         os.environ.update(ray_auth_environment(config))
     import ray
@@ -98,8 +116,9 @@ def ray_cluster(config: TpgateConfig) -> Iterator[bool]:
             ray.init(**kwargs)
         else:
             ray.init(address=config.ray_address, **kwargs)
-        try:
-            yield started
-        finally:
-            if started:
-                ray.shutdown()
+        with ray_logs_to(driver_log_path()) as log_path:
+            try:
+                yield RayRuntime(started=started, log_path=log_path)
+            finally:
+                if started:
+                    ray.shutdown()

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with running_gateway(config, initial=state, reset_state=args.reset_state, api_key_classes=api_keys,
                              say=_say) as gateway:
-            _print_banner(config, gateway.token_path, state_summary=sync_call(gateway.client.raw_status()))
+            _print_banner(config, gateway, state_summary=sync_call(gateway.client.raw_status()))
             _follow_progress(gateway)
             while True:
                 heartbeat(gateway.controller)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_banner(config: TpgateConfig, token_path: Any, *, state_summary: dict[str, Any]) -> None:
+def _print_banner(config: TpgateConfig, gateway: RunningGateway, *, state_summary: dict[str, Any]) -> None:
     base = f"http://{config.server.host}:{config.server.port}"
     example = {"model": config.model_name, "messages": [{"role": "user", "content": "hi"}]}
     lines = [
@@ -68,12 +68,15 @@ def _print_banner(config: TpgateConfig, token_path: Any, *, state_summary: dict[
     for route, weights in state_summary["routes"].items():
         lines.append(f"  class {route}: " + ", ".join(f"{p} {w:.0%}" for p, w in weights.items()))
     lines += [
-        f"  metrics: {base}/metrics   admin token: {token_path} (status: {base}/admin/status)",
+        f"  metrics: {base}/metrics   admin token: {gateway.token_path} (status: {base}/admin/status)",
+        f"  logs: {gateway.ray.logs_dir} (Ray, Serve's access log under serve/, engines; this process's Ray "
+        f"messages: {gateway.ray.log_path.name})",
         f"  ray: {_ray_address()} (join with RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={config.auth.ray_token_file})",
         "  try:",
         f"    curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\",
         f"      -d '{json.dumps(example)}'",
-        "  Ctrl-C stops the gateway and everything it started.",
+        f"  readiness: {base}/health answers 200 once every class has a ready replica",
+        "  Ctrl-C stops the gateway and everything it started (in-flight requests finish; Ctrl-C again ends them).",
     ]
     print("\n".join(lines), flush=True)
 

@@ -163,6 +163,15 @@ class ControlClient:
     async def put_records(self, section: str, value: Any) -> None:
         await self._call("put_records", section, value)
 
+    async def set_stop_phase(self, phase: str) -> int:
+        """The gateway is stopping (see :meth:`gateway.control.controller.Controller.set_stop_phase`)."""
+        return int(await self._call("set_stop_phase", phase))
+
+    async def inflight(self) -> dict[str, Any]:
+        """Requests in flight at the live routers: ``requests``, ``routers``, ``current``."""
+        inflight: dict[str, Any] = await self._call("inflight")
+        return inflight
+
     async def owned_applications(self) -> list[str]:
         owned: list[str] = await self._call("owned_applications")
         return owned

@@ -47,7 +47,7 @@ from gateway.control.state import (
     validate_state,
 )
 from gateway.control.store import StateStore, StoredState, StoreError
-from gateway.dataplane.routing import Endpoint, PoolView, RouteSlo, RoutingTable
+from gateway.dataplane.routing import STOP_PHASES, Endpoint, PoolView, RouteSlo, RoutingTable, StopPhase
 
 logger = logging.getLogger("tpgate.controller")
 
@@ -144,6 +144,8 @@ class Controller:
         self.restored = False
         self._owner = ""  # the `tpgate serve` process that runs this gateway, and when it last said so
         self._owner_seen_at: float | None = None
+        self._stop_phase: StopPhase = ""  # not persisted: a stop concerns this run of the gateway only
+        self._stop_version = 0  # the table version that first carried the current stop phase
         stored = self._load_store()
         if stored is not None:
             self._desired, self._version, self._records = stored.state, stored.version, dict(stored.records)
@@ -169,6 +171,33 @@ class Controller:
     def heartbeat(self, owner: str) -> None:
         """The ``tpgate serve`` process running this gateway says it is alive (every few seconds)."""
         self._owner, self._owner_seen_at = owner, self._clock()
+
+    # --- stopping -------------------------------------------------------------------------------------------
+
+    def set_stop_phase(self, phase: StopPhase) -> int:
+        """Tell the routers the gateway is stopping: ``"draining"`` refuses new requests while those in flight
+        finish, ``"ending"`` also ends those in flight, ``""`` serves again (a reused controller). Returns the
+        table version that carries the phase."""
+        if phase not in STOP_PHASES:
+            raise self._reject(f"unknown stop phase {phase!r} (one of {', '.join(map(repr, STOP_PHASES))})")
+        if phase != self._stop_phase:
+            self._stop_phase = phase
+            self._bump()
+            self._stop_version = self._version
+            self._events.add("gateway.stopping", f"stop phase {phase or 'serving'} (table v{self._version})")
+        return self._stop_version
+
+    def inflight(self) -> dict[str, Any]:
+        """Requests in flight or waiting at a gate, summed over the live routers (``requests``, ``routers``), and
+        whether every live router counted them under a table that carries the current stop phase (``current``):
+        until then a router may still admit a request it has not counted."""
+        self._ensure_background_tasks()
+        live = self._drains.live_reports(now_s=self._clock())
+        return {
+            "requests": sum(sum(report.inflight_by_pool.values()) for report in live),
+            "routers": len(live),
+            "current": all(r.epoch == self.epoch and r.version >= self._stop_version for r in live),
+        }
 
     # --- desired state (the one writer) ----------------------------------------------------------------------
 
@@ -274,6 +303,7 @@ class Controller:
             routes={name: dict(w) for name, w in desired.routes.items()},
             pools=pools,
             slos=slos,
+            stop_phase=self._stop_phase,
         )
 
     async def watch(self, epoch: str, version: int, timeout_s: float = 10.0) -> RoutingTable | None:

@@ -30,6 +30,7 @@ KINDS = frozenset({
     "drain.deadline",  # ... and was deleted at its deadline with requests still reported
     "reconcile.repair",  # the reconcile loop found a difference between desired and running, and fixed it
     "reconcile.failed",  # ... and could not fix it this round
+    "gateway.stopping",  # the gateway is stopping: routers refuse new requests, or also end those in flight
 })
 
 

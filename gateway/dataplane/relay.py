@@ -45,6 +45,7 @@ class Outcome:
     output_tokens: int = 0
     prompt_tokens: int = 0
     content_events: int = 0  # streamed events that carried output (fallback count when the engine sends no usage)
+    started: bool = False  # the response's status line went to the client: an error can only end its body now
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ async def relay_whole(resp: aiohttp.ClientResponse, send: Send, outcome: Outcome
     content_type = resp.headers.get("content-type", "application/json").encode()
     data = await read_all(resp, idle_s=options.idle_s)
     outcome.status = str(status)
+    outcome.started = True
     if status == 200:
         usage = usage_of(data) or {}
         outcome.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -89,6 +91,7 @@ async def relay_stream(resp: aiohttp.ClientResponse, send: Send, outcome: Outcom
             raise UpstreamFailure("timeout", "engine sent no first event in time", retryable=False) from None
         # committed: from here on the client has bytes, so failures end the stream instead of retrying
         outcome.status = "200"
+        outcome.started = True
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *options.headers]})
         clean = await _pump(first, events, send, outcome, options)
         if not clean:

@@ -7,6 +7,12 @@ attempt is retried on another replica; after that, the stream ends with an SSE e
 ``[DONE]``. A client disconnect cancels the upstream request. Every response says which class and pool served
 it (``x-tpgate-class``, ``x-tpgate-pool``).
 
+When the controller's table says the gateway is stopping, new requests get 503 (``stopping``, with Retry-After)
+and ``/health`` fails while the requests in flight run on; in the ``ending`` phase (or at the router's shutdown)
+those are ended too: a stream with a last SSE error event and ``[DONE]``, a request not yet answered with 503.
+The router lists the paths it serves as ``routes`` in the shape Ray Serve reads from an ASGI app, so Serve's
+access log and request metrics name the path (``POST /v1/chat/completions``) instead of the route prefix ``/``.
+
 The router follows the controller's versioned :class:`RoutingTable` in the background and never waits
 on the controller while serving a request: when the controller is away (restarting), it keeps serving on the
 last table, and takes a restarted controller's table (a new epoch) whatever its version. Every half second it
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+from starlette.routing import Match
 
 from gateway.dataplane.asgi import (
     ClientDisconnected,
@@ -54,7 +61,15 @@ from gateway.dataplane.routing import (
     classify,
     served_models,
 )
-from gateway.dataplane.upstream import Timeouts, UpstreamFailure, new_session, post, with_usage_requested
+from gateway.dataplane.upstream import (
+    DONE_EVENT,
+    EVENT_SEPARATOR,
+    Timeouts,
+    UpstreamFailure,
+    new_session,
+    post,
+    with_usage_requested,
+)
 from gateway.errors import ApiError
 
 logger = logging.getLogger("tpgate.router")
@@ -66,6 +81,8 @@ CONTROLLER_RETRY_S = 1.0
 CLIENT_CLOSED = "499"
 CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
+STOPPING_MESSAGE = "the gateway is stopping"
+STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
 
 
 class ControlPlane(Protocol):
@@ -101,6 +118,23 @@ class _Request:
 
     route: str = NO_CLASS
     outcome: Outcome = field(default_factory=Outcome)
+    stream: bool = False
+    ended: bool = False  # the router ended it because the gateway stops
+
+
+class ServedPath:
+    """One path the router serves, in the shape Ray Serve reads an ASGI app's ``routes`` in (Starlette's
+    ``Route``: ``path``, ``methods``, ``matches(scope)``), so that Serve's access log and request metrics name the
+    path. Matching is one string comparison."""
+
+    __slots__ = ("methods", "path")
+
+    def __init__(self, path: str, methods: set[str]) -> None:
+        self.path = path
+        self.methods = methods
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return (Match.FULL if scope.get("path") == self.path else Match.NONE), {}
 
 
 class Router:
@@ -127,6 +161,7 @@ class Router:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._table_ready = asyncio.Event()
+        self._active: dict[asyncio.Task[Any], _Request] = {}  # proxied requests in flight, by their task
         self._handlers: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("POST", "/v1/chat/completions"): self._proxy,
             ("POST", "/v1/completions"): self._proxy,
@@ -136,6 +171,9 @@ class Router:
             ("GET", "/admin/status"): self._admin_status,
         }
         self._paths = {path for _, path in self._handlers}
+        # in the handlers' order, the hot paths first: Serve tries them in turn on every request
+        self.routes = [ServedPath(path, {m for m, p in self._handlers if p == path})
+                       for path in dict.fromkeys(path for _, path in self._handlers)]
 
     @property
     def table(self) -> RoutingTable:
@@ -177,6 +215,7 @@ class Router:
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
 
     async def stop(self) -> None:
+        self._end_inflight()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -217,6 +256,15 @@ class Router:
         self._publish_table_metrics(table)
         self._forget_gone_pools()
         self._table_ready.set()
+        if table.stop_phase == "ending":
+            self._end_inflight()
+
+    def _end_inflight(self) -> None:
+        """End every proxied request in flight (each ends itself in :meth:`_proxy`, answering its client)."""
+        for task, request in self._active.items():
+            if not request.ended:
+                request.ended = True
+                task.cancel()
 
     def _forget_gone_pools(self) -> None:
         """Drop gates and metric series of pools and routes that left the table, once nothing uses them."""
@@ -269,8 +317,9 @@ class Router:
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         """200 when every workload class has a healthy replica; trial routes do not count."""
         table = self._table
-        if not table.published:
-            await send_json(send, 503, {"healthy": False, "reason": "no routing table from the controller yet"},
+        if not table.published or table.stop_phase:
+            reason = STOPPING_MESSAGE if table.stop_phase else "no routing table from the controller yet"
+            await send_json(send, 503, {"healthy": False, "reason": reason},
                             extra_headers=[("Retry-After", str(self._settings.retry_after_s))])
             return
         serving = {route: any(table.pools[p].endpoints for p in weights if p in table.pools)
@@ -287,12 +336,21 @@ class Router:
         if not self._table.published:
             raise ApiError(503, "the gateway is starting: it has no routing table yet", code="starting",
                            headers={"Retry-After": str(self._settings.retry_after_s)})
+        if self._table.stop_phase:
+            raise self._stopping_error()
+
+    def _stopping_error(self) -> ApiError:
+        return ApiError(503, STOPPING_MESSAGE, code="stopping",
+                        headers={"Retry-After": str(self._settings.retry_after_s)})
 
     # --- the proxy ------------------------------------------------------------------------------------
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = _Request()
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[task] = request
         try:
             await self._serve(scope, receive, send, request)
         except ApiError as error:
@@ -300,8 +358,27 @@ class Router:
             await send_error(send, error, extra_headers=_served_by(request))
         except ClientDisconnected:
             request.outcome.status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            if not request.ended:
+                raise
+            task.uncancel()
+            await self._send_ended(send, request)
         finally:
+            del self._active[task]
             self._record(request, started)
+
+    async def _send_ended(self, send: Send, request: _Request) -> None:
+        """Answer a request the router ended because the gateway stops: a stream gets a last error event and
+        ``[DONE]``, a request not yet answered a 503; a whole response already on its way is left to finish."""
+        outcome = request.outcome
+        error = self._stopping_error()
+        if not outcome.started:
+            outcome.status = STOPPED_STATUS
+            await send_error(send, error, extra_headers=_served_by(request))
+        elif request.stream and outcome.status == "200":  # an SSE stream (an engine error comes whole)
+            outcome.status = STOPPED_STATUS
+            event = b"data: " + json.dumps(error.body()).encode() + EVENT_SEPARATOR + DONE_EVENT
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
         key_class = api_key_class(scope, self._settings.api_key_classes)
@@ -317,7 +394,7 @@ class Router:
         route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
                          key_class=key_class)
         request.route = route.route
-        stream = payload.get("stream") is True
+        stream = request.stream = payload.get("stream") is True
         forward_usage = True
         if stream:
             payload, forward_usage = with_usage_requested(payload)

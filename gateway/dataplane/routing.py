@@ -9,11 +9,17 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.errors import ApiError
 
 CLASS_HEADER = "x-workload-class"
 ALIAS_SEPARATOR = ":"
+
+# How far the gateway is in stopping: serving (""), refusing new requests while those in flight finish
+# ("draining"), or ending the requests in flight too ("ending").
+StopPhase = Literal["", "draining", "ending"]
+STOP_PHASES: tuple[StopPhase, ...] = ("", "draining", "ending")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class RoutingTable:
     routes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # route name -> pool id -> weight
     pools: Mapping[str, PoolView] = field(default_factory=dict)
     slos: Mapping[str, RouteSlo] = field(default_factory=dict)  # route name -> its class's per-request targets
+    stop_phase: StopPhase = ""  # the gateway is stopping: routers refuse new requests (and end those in flight)
 
     @property
     def published(self) -> bool:

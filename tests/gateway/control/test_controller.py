@@ -368,3 +368,37 @@ async def test_a_slow_delete_does_not_hold_up_other_writers(controller, deployer
     slow_delete.set()
     await asyncio.wait_for(readd, 5)
     assert deployer.deleted == ["b"] and deployer.deployed[-1] == ("b", 1) and "b" in deployer.apps
+
+
+async def test_a_stop_phase_reaches_the_routers_in_a_new_table(controller):
+    await controller.apply(two_pools())
+    before = controller.routing_table()
+    assert before.stop_phase == ""
+    version = controller.set_stop_phase("draining")
+    table = await controller.watch(before.epoch, before.version, timeout_s=1)
+    assert (table.stop_phase, table.version) == ("draining", version)
+    assert version > before.version
+    assert controller.set_stop_phase("draining") == version  # said again: nothing changes
+    assert controller.routing_table().version == version
+    assert controller.set_stop_phase("ending") > version
+    assert controller.set_stop_phase("") and controller.routing_table().stop_phase == ""  # a reused controller
+    assert any(e["kind"] == "gateway.stopping" for e in controller.status()["events"])
+    with pytest.raises(StateError, match="unknown stop phase 'later'"):
+        controller.set_stop_phase("later")
+
+
+async def test_inflight_counts_are_current_once_every_live_router_counted_under_the_stop_table(controller, clock):
+    await controller.apply(two_pools())
+    old = controller.routing_table()
+    assert controller.inflight() == {"requests": 0, "routers": 0, "current": True}  # no router: nothing in flight
+    controller.report_inflight("router-1", old.epoch, old.version, {"a": 2, "b": 1})
+    controller.report_inflight("router-2", old.epoch, old.version, {"a": 0})
+    version = controller.set_stop_phase("draining")
+    assert controller.inflight() == {"requests": 3, "routers": 2, "current": False}
+    clock.now += 0.5
+    controller.report_inflight("router-1", old.epoch, version, {"a": 1, "b": 0})
+    assert controller.inflight() == {"requests": 1, "routers": 2, "current": False}  # router-2: an old table
+    controller.report_inflight("router-2", old.epoch, version, {"a": 0})
+    assert controller.inflight() == {"requests": 1, "routers": 2, "current": True}
+    clock.now += 10.0  # both fall silent (gone): they no longer count
+    assert controller.inflight() == {"requests": 0, "routers": 0, "current": True}

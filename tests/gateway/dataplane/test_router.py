@@ -73,6 +73,9 @@ class ScriptedEngine:
                     return resp
                 if self.behaviour == "stalls" and i == 2:
                     await asyncio.sleep(2.0)
+                    if request.transport is None or request.transport.is_closing():
+                        self.cancelled += 1  # the router dropped the connection meanwhile
+                        return resp
                 chunk = {"choices": [{"delta": {"content": f"t{i}"}}], "served_by": self.name}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await asyncio.sleep(0.01)
@@ -546,3 +549,97 @@ async def test_slo_met_requests_are_judged_in_the_engines_clock(engines):
     async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
         await post(session, url, chat())  # milliseconds of wall time are ages of engine time at this scale
     assert metric(router, "tpgate_slo_met_requests_total", **{"class": "interactive", "pool": "pa"}) == 1
+
+
+def stopping(router, phase):
+    router.apply_table(dataclasses.replace(router.table, version=router.table.version + 1, stop_phase=phase))
+
+
+async def read_events(resp, count):
+    events = []
+    while len(events) < count:
+        line = await resp.content.readline()
+        assert line, f"the stream ended after {events}"
+        if line.strip():
+            events.append(line)
+    return events
+
+
+async def test_a_draining_gateway_refuses_new_requests_and_lets_streams_in_flight_finish(engines):
+    stalling = await engines("stalling", "stalls")  # two events, a 2 s pause, two more
+    router = await start_router(one_pool(stalling), retry_after_s=4)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        async with session.post(url + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            first = await read_events(resp, 2)
+            stopping(router, "draining")
+            status, headers, body = await post(session, url, chat())
+            async with session.get(url + "/health") as health:
+                health_status, health_body = health.status, await health.json()
+            async with session.get(url + "/v1/models") as models:
+                models_status = models.status
+            rest = [line async for line in resp.content if line.strip()]
+    assert (status, headers["Retry-After"]) == (503, "4")
+    assert json.loads(body)["error"] == {"message": "the gateway is stopping", "type": "service_unavailable_error",
+                                         "param": None, "code": "stopping"}
+    assert (health_status, health_body["reason"]) == (503, "the gateway is stopping")
+    assert models_status == 503
+    contents = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in first + rest[:2]]
+    assert contents == ["t0", "t1", "t2", "t3"]  # the stream in flight ran to its end
+    assert rest[-1] == b"data: [DONE]\n"
+    assert len(stalling.received) == 1
+
+
+async def test_an_ending_gateway_ends_streams_with_an_error_event_and_done(engines):
+    stalling = await engines("stalling", "stalls")
+    router = await start_router(one_pool(stalling))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        async with session.post(url + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            await read_events(resp, 2)
+            stopping(router, "draining")
+            stopping(router, "ending")
+            rest = [line async for line in asyncio_timeout_lines(resp)]
+        for _ in range(60):  # after its stall, the engine finds the connection closed: its request is cancelled
+            if stalling.cancelled:
+                break
+            await asyncio.sleep(0.05)
+    assert len(rest) == 2
+    assert json.loads(rest[0][6:])["error"]["code"] == "stopping"
+    assert rest[1] == b"data: [DONE]\n"
+    assert stalling.cancelled == 1
+    assert metric(router, "tpgate_requests_total", **{"class": "interactive", "pool": "pa", "status": "503"}) == 1
+
+
+async def asyncio_timeout_lines(resp):
+    """The rest of a stream's non-empty lines; fails if they do not come within a second (no 2 s stall)."""
+    async with asyncio.timeout(1.0):
+        async for line in resp.content:
+            if line.strip():
+                yield line
+
+
+async def test_an_ending_gateway_answers_requests_still_waiting_for_the_engine_with_503(engines):
+    slow = await engines("slow", "slow")  # answers after a second
+    router = await start_router(one_pool(slow))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        waiting = asyncio.create_task(post(session, url, chat()))
+        await asyncio.sleep(0.3)
+        stopping(router, "ending")
+        status, headers, body = await asyncio.wait_for(waiting, 0.5)
+    assert status == 503
+    assert json.loads(body)["error"]["code"] == "stopping"
+    assert headers["x-tpgate-pool"] == "pa"
+    assert router._active == {}
+
+
+async def test_serve_names_the_path_of_each_request_in_its_access_log(engines):
+    from ray.serve._private.thirdparty.get_asgi_route_name import get_asgi_route_name
+
+    router = await start_router(one_pool(await engines("a")))
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "", "headers": []}
+    assert get_asgi_route_name(router, scope) == "/v1/chat/completions"
+    assert get_asgi_route_name(router, {**scope, "method": "GET", "path": "/v1/models"}) == "/v1/models"
+    assert {(tuple(route.methods), route.path) for route in router.routes} >= {(("POST",), "/v1/completions"),
+                                                                                (("GET",), "/health")}
