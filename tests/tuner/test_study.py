@@ -8,6 +8,7 @@ from gateway.errors import UserError
 from loadtests import load_profile
 from tests.tuner.conftest import config_with
 from tests.tuner.fakes import ScriptedRunner
+from tuner.feasibility import FeasibilityModel
 from tuner.objectives import objective_specs
 from tuner.prior import WorkloadShape, guided_picks, rank_candidates
 from tuner.replay import Deviation, SyntheticRunner
@@ -168,3 +169,43 @@ async def test_several_objectives_give_a_pareto_front():
     for r in front:  # nothing measured is better in both
         assert not any(o.objectives[0] > r.objectives[0] and o.objectives[1] < r.objectives[1]
                        for o in result.records if o.outcome == "feasible")
+
+
+async def test_parallel_rounds_fit_the_gpu_budget_and_are_measured_at_once():
+    batch = {"objective": "max_output_tokens_per_s", "profile": "batch", "gpu_budget": 8,
+             "slo": {"ttft_p99_s": 5.0, "error_rate_max": 0.001}}
+    config = config_with(gpus=8, classes={"batch": batch}, default_class="batch",
+                         tuning={"parallel_trials": 2, "remeasure_runs": 0})
+    driver, _, space, _, lines = setup(config, n_trials=8)
+    result = await driver.run()
+    deployed = [r for r in result.records if r.outcome not in ("rejected", "avoided") and r.reused_from is None]
+    by_round: dict[int, list] = {}
+    for r in deployed:
+        by_round.setdefault(r.parallel_round, []).append(r)
+    assert result.measured_trials == 8 and result.rounds == len(by_round) < 8
+    assert all(sum(r.candidate.gpus for r in group) <= space.gpus for group in by_round.values())
+    assert any(len(group) == 2 for group in by_round.values())
+    assert any(line.startswith("round ") for line in lines)
+
+
+async def test_neighbours_of_failed_configurations_are_avoided_without_deploying(tmp_path):
+    config = config_with(gpus=8, tuning={"max_failure_probability": 0.3, "remeasure_runs": 0})
+    space = build_space(config, "batch")
+    failing_tp = space.tp_sizes[-1]
+    runner = ScriptedRunner(SyntheticRunner(space, WORKLOAD, Deviation(noise=0.0), seed=1),
+                            fail={failing_tp: "engine exited: CUDA out of memory"})
+    driver, *_ = setup(config, runner=runner, n_trials=3, storage=f"sqlite:///{tmp_path / 's.db'}")
+    study = driver.open_study()
+    model = FeasibilityModel(space)
+    first = next(c for c in space.candidates() if c.tp == failing_tp)
+    neighbour = next(c for c in space.candidates() if model.distance(first, c) == 1)
+    study.enqueue_trial(first.params())
+    study.enqueue_trial(neighbour.params())
+    study.set_user_attr("tpgate_guided", True)  # only what was enqueued above, then the sampler
+    result = await driver.run()
+    failed, avoided = result.records[:2]
+    assert failed.outcome == "failed" and runner.runs[0] == first
+    assert avoided.outcome == "avoided" and avoided.candidate == neighbour and neighbour not in runner.runs
+    assert avoided.failure_probability == 0.5 and avoided.constraints[0] == 0.5
+    assert avoided.reason == f"predicted to fail (p 0.50: near failed trial #{failed.number})"
+    assert result.measured_trials == len(runner.runs) == 3  # an avoided configuration is not a trial
