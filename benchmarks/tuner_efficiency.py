@@ -25,6 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import optuna
+
 from gateway.commands.tune import own_gateway
 from gateway.config import load_config
 from tuner.grid_measure import grid_meta, measure_grid
@@ -50,8 +52,10 @@ def measure(args: argparse.Namespace) -> int:
     meta = grid_meta(config, space, name=out.stem, runs=args.runs, command=command, config_path=args.measure,
                      deviation_path=args.deviation)
     table = GridTable.load(out) if out.exists() else GridTable(meta)
-    if table.meta.get("space") != meta["space"] or table.runs != args.runs:
-        raise SystemExit(f"{out} was measured with another space or number of runs; write another file")
+    if table.meta.get("space") != meta["space"] or table.runs > args.runs:
+        raise SystemExit(f"{out} was measured with another space or more runs; write another file")
+    if table.runs < args.runs:  # every configuration measured once already: add runs, newest command recorded
+        table = table.with_meta(runs=args.runs, command=command)
     if table.complete(space.candidates()):
         print(f"{out}: every configuration has {table.runs} runs already")
         return 0
@@ -64,24 +68,26 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from tuner.efficiency import check_targets, describe_prior, format_line, replay_table
+    from tuner.efficiency import Replay, check_targets, describe_prior, format_line, replay_table
 
     try:
         table = GridTable.load(args.replay)
-        print(describe_prior(table))
-        results = replay_table(table, seeds=args.seeds, progress=lambda line: print(line, flush=True))
+        configurations = Replay.of(table).configurations
+        print(describe_prior(table), flush=True)
+        results = replay_table(table, seeds=args.seeds)
     except TableError as exc:
         print(f"tuner_efficiency: {exc}", file=sys.stderr)
         return 2
     for result in results:
-        print(format_line(result, table))
-    misses = check_targets(table, results)
+        print(format_line(result, configurations))
+    misses = check_targets(table, results, configurations)
     for miss in misses:
         print(f"target missed: {miss}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": args.replay, "seeds": [args.seeds[0], args.seeds[-1]],
-                                               "settings": [r.as_dict() for r in results], "missed": misses},
-                                              indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({
+            "table": args.replay, "seeds": [args.seeds[0], args.seeds[-1]], "configurations": configurations,
+            "prior": describe_prior(table), "settings": [r.as_dict() for r in results], "missed": misses,
+        }, indent=1) + "\n")
     return 1 if misses else 0
 
 
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-49"), help="--replay: e.g. 0-49")
     parser.add_argument("--json", metavar="PATH", help="--replay: write every setting's figures here")
     args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.measure:
         if not args.out:
             parser.error("--measure needs --out")
