@@ -382,7 +382,8 @@ class StudyDriver:
     async def _run_round(self, study: optuna.Study, state: _Run, planned: Sequence[_Planned],
                          started: float) -> None:
         state.rounds += 1
-        planned = [_Planned(p.trial, dataclasses.replace(p.context, parallel_round=state.rounds)) for p in planned]
+        number = state.rounds if self._parallel > 1 else None  # one trial at a time: no rounds to tell apart
+        planned = [_Planned(p.trial, dataclasses.replace(p.context, parallel_round=number)) for p in planned]
         if len(planned) > 1:
             self._progress(round_line(state.rounds, [p.context.candidate for p in planned],
                                       [p.trial.number for p in planned], gpus=self._space.gpus))

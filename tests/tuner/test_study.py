@@ -44,6 +44,8 @@ async def test_the_models_best_candidate_of_each_shape_goes_first():
     assert result.measured_trials == 5 and len(runner.runs) == 5 and runner.closed == 1
     assert all(r.predicted.get("output_tokens_per_s") for r in result.records if r.outcome != "rejected")
     assert sum("guided" in line for line in lines) == 3 and any(line.startswith("[") for line in lines)
+    assert all(r.parallel_round is None for r in result.records)  # one at a time: no rounds in the lines
+    assert not any(" round " in line or line.startswith("round ") for line in lines)
 
 
 async def test_rejected_and_repeated_configurations_are_told_without_deploying(tmp_path):
