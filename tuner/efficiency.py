@@ -180,8 +180,9 @@ async def replay_study(replay: Replay, setting: Setting, seed: int) -> tuple[int
     def stop(records: Sequence[TrialRecord]) -> bool:
         best = holder[0].best(records)
         if best and replay.within(best[0].candidate):
-            rounds = max((r.parallel_round or 0 for r in records), default=0)
-            reached.append((deployed(records), rounds))
+            trials = deployed(records)
+            rounds = max((r.parallel_round or 0 for r in records), default=0) or trials  # one at a time: trials
+            reached.append((trials, rounds))
             return True
         return False
 
