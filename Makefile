@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LMDEPLOY_STAMP := $(VENV)/.lmdeploy
 LMDEPLOY_VERSION := 0.18.0
 
-.PHONY: install serve test unit lint clean
+.PHONY: install serve test unit lint clean demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ test: $(LMDEPLOY_STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m 'not integration'
 
+## demo: online tuning and staged promotion of both classes on simulated engines, under load (a few minutes)
+demo: $(STAMP)
+	$(BIN)/python demo/online_tuning.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tuner loadtests tests benchmarks
+	$(BIN)/ruff check gateway tuner loadtests tests benchmarks demo
 	$(BIN)/mypy
 
 clean:

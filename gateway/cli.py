@@ -20,8 +20,11 @@ SUBCOMMANDS = {
     "plan": "gateway.commands.plan",
     "engine": "gateway.commands.engine",
     "load": "gateway.commands.load",
+    "profile": "gateway.commands.profile",
+    "drift": "gateway.commands.drift",
     "serve": "gateway.commands.serve",
     "tune": "gateway.commands.tune",
+    "admin": "gateway.commands.admin",
 }
 
 

@@ -10,6 +10,7 @@ an error. The YAML file is read by :func:`gateway.yamlfile.read_yaml_mapping`, w
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -162,6 +163,33 @@ class TuningConfig(StrictModel):
         return self
 
 
+class PromotionConfig(StrictModel):
+    """How a class moves to a new pool (a tuned winner): its traffic shifts in steps, and the new pool is judged on
+    its own metrics at each step; a failed check rolls back. Times are wall-clock seconds."""
+
+    steps: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.1, 0.5, 1.0], min_length=1,
+        description="the new pool's share of the class's traffic at each step, increasing, ending at 1")
+    dwell_s: float = Field(default=30.0, gt=0, description="at least this long at each step before it is judged")
+    min_requests: int = Field(default=20, ge=1, description="new-pool requests a step needs before it is judged")
+    max_inconclusive_s: float = Field(
+        default=120.0, gt=0, description="a step still short of min_requests this long after it began rolls back")
+    ready_timeout_s: float = Field(default=600.0, gt=0, description="the new pool (each growth of it) ready by then")
+    max_latency_ratio: float = Field(
+        default=1.5, ge=1, description="the new pool's TTFT and TPOT p99 at most this times the old pool's")
+    error_rate_max: float | None = Field(
+        default=None, ge=0, le=1, description="default: the class's slo.error_rate_max, else 0.01")
+    max_5xx: int = Field(default=5, ge=1, description="this many 5xx answers from the new pool fail a step at once")
+    check_period_s: float = Field(default=2.0, gt=0, description="how often a step's window is judged")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_one(cls, steps: list[float]) -> list[float]:
+        if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 1:
+            raise ValueError(f"must increase and end at 1, not {steps}")
+        return steps
+
+
 def _default_classes() -> dict[str, WorkloadClassConfig]:
     return {
         "interactive": WorkloadClassConfig(
@@ -199,6 +227,9 @@ class RouterConfig(StrictModel):
     request_timeout_s: float = Field(default=1800.0, gt=0, description="whole request; also the drain deadline")
     max_attempts: int = Field(default=3, ge=1, description="tries on different replicas before any byte is sent")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(default=30.0, gt=0,
+                                       description="the whole request body must arrive within this, else 408")
+    max_json_depth: int = Field(default=64, ge=4, le=512, description="nesting of a request body's JSON, else 400")
     retry_after_s: int = Field(default=1, ge=1)
 
 
@@ -223,6 +254,45 @@ class AuthConfig(StrictModel):
                                 description="token of the Ray cluster tpgate starts (token authentication)")
 
 
+class DriftClassConfig(StrictModel):
+    """When a class's live traffic no longer looks like the traffic it was tuned for, and what may follow.
+
+    Ratios compare the live profile with the class's reference profile both ways (``concurrency_ratio: 4`` marks
+    four times as many requests in flight, or a quarter as many); null turns a distance off. A distance counts
+    only when it holds over ``window_s`` (in at least ``sustained_share`` of the window's intervals), so a
+    burst shorter than the window never marks a class. The re-tune rails (``min_retune_interval_s``,
+    ``max_gpus``, ``margin_ratio``) bound what ``auto`` may do; ``advisory`` reports the decision only.
+    """
+
+    mode: Literal["off", "advisory", "auto"] = "advisory"
+    window_s: float = Field(default=600.0, gt=0, description="a shift must last this long (seconds)")
+    concurrency_ratio: float | None = Field(default=4.0, gt=1, description="mean requests in flight vs reference")
+    arrival_rate_ratio: float | None = Field(default=None, gt=1, description="arrivals per second vs reference")
+    prompt_median_ratio: float | None = Field(default=2.0, gt=1, description="median prompt tokens vs reference")
+    output_median_ratio: float | None = Field(default=2.0, gt=1, description="median output tokens vs reference")
+    slo_attainment_min: float | None = Field(
+        default=None, gt=0, le=1, description="share of successful requests that met every SLO, at least")
+    min_requests: int = Field(default=20, ge=1,
+                              description="an interval with fewer finished requests says nothing about lengths")
+    sustained_share: float = Field(default=1.0, gt=0.5, le=1,
+                                   description="share of the window's intervals a shift must hold in")
+    min_retune_interval_s: float = Field(default=3600.0, ge=0, description="between two re-tunes of the class")
+    max_gpus: int | None = Field(default=None, ge=1, description="GPUs a re-tune may use (default: all free)")
+    margin_ratio: float = Field(default=0.05, ge=0, lt=1,
+                                description="a re-tune's winner must beat the current pool by this much")
+
+
+class DriftConfig(StrictModel):
+    """Drift detection per workload class (classes not listed are not watched)."""
+
+    interval_s: float = Field(default=30.0, gt=0, description="the monitor reads the metrics this often (seconds)")
+    sample_s: float = Field(default=5.0, gt=0, description="direct scrapes: read the requests in flight this often "
+                            "within an interval (seconds; none in between when not shorter than interval_s)")
+    classes: dict[str, DriftClassConfig] = Field(default_factory=dict)
+    reference_file: str = Field(default="~/.tpgate/drift-references.json",
+                                description="reference profiles when no controller holds them")
+
+
 class TpgateConfig(BaseSettings):
     """Everything a tpgate process needs to know. Build it with :func:`load_config`: constructing one directly
     reads no environment (the layering is explicit there)."""
@@ -244,9 +314,11 @@ class TpgateConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     classes: dict[str, WorkloadClassConfig] = Field(default_factory=_default_classes)
     default_class: str = "interactive"
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="empty: the planner picks one per class")
     routes: dict[str, dict[str, float]] = Field(default_factory=dict)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @field_validator("gpu")
     @classmethod
@@ -279,6 +351,14 @@ class TpgateConfig(BaseSettings):
                 raise ValueError(f"route {route!r} names unknown pools {sorted(unknown)}")
             if abs(sum(weights.values()) - 1) > 1e-6:
                 raise ValueError(f"route {route!r}: weights sum to {sum(weights.values()):g}, not 1")
+        unknown_drift = sorted(set(self.drift.classes) - set(self.classes))
+        if unknown_drift:
+            raise ValueError(f"drift.classes names unknown classes {unknown_drift} "
+                             f"(classes: {', '.join(self.classes)})")
+        for name, drift in self.drift.classes.items():
+            if drift.window_s < self.drift.interval_s:
+                raise ValueError(f"drift.classes.{name}.window_s ({drift.window_s:g}) is shorter than "
+                                 f"drift.interval_s ({self.drift.interval_s:g})")
         return self
 
     @property

@@ -48,8 +48,10 @@ routes:
 router:
   max_inflight_per_replica: 8
   queue_timeout_s: 0.2
+  body_read_timeout_s: 2
 auth:
   admin_token_file: {token_file}
+  ray_token_file: {ray_token_file}
   api_keys:
     - {{key_env: E2E_API_KEY}}
     - {{key_env: E2E_BATCH_API_KEY, default_class: batch}}

@@ -3,7 +3,9 @@
 - the controller: a named, detached Ray actor (:data:`CONTROLLER_NAME` in :data:`NAMESPACE`);
 - the router: Serve application ``tpgate`` (the HTTP ingress at ``/``);
 - each engine pool: its own Serve application ``pool-<id>`` with no HTTP route, added and deleted
-  without touching the router's application.
+  without touching the router's application;
+- the tuning service: a named Ray actor (:data:`TUNING_SERVICE_NAME`), owned by the ``tpgate serve`` that
+  starts it, where online studies run (one per gateway, whichever router replica the admin call landed on).
 Every deployment asks for ``num_cpus=0``: on a 2-core machine the default of one CPU per replica
 leaves replicas unscheduled.
 """
@@ -20,10 +22,13 @@ from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gateway.cluster.pool_replica import EnginePoolReplica
+from gateway.cluster.tuning_service import TUNING_SERVICE_NAME, TuningService
 from gateway.config import TpgateConfig
 from gateway.control.client import ControlClient
 from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
+from gateway.control.promotion import PromotionPolicy
 from gateway.control.state import Capacity, PoolSpec
+from gateway.dataplane.metrics import GatewayMetrics
 from gateway.dataplane.router import Router, RouterSettings
 from gateway.dataplane.routing import RouteSlo
 from gateway.dataplane.upstream import Timeouts
@@ -37,6 +42,7 @@ ROUTER_MAX_ONGOING_REQUESTS = 100_000
 LEASE_HEALTH_CHECKS = 3
 LEASE_MARGIN_S = 5.0
 DRAIN_MARGIN_S = 5.0  # beyond the request timeout: a drained pool is deleted at the latest by then
+DEFAULT_ERROR_RATE_MAX = 0.01  # a promotion's error-rate limit when neither it nor the class sets one
 # How often a stopping replica checks whether Serve still counts requests on it (Serve's default is 2 s, paid once
 # by every replica that stops). Pool replicas never carry requests (they bypass Serve); the router's are waited for.
 SHUTDOWN_WAIT_LOOP_S = 0.2
@@ -98,13 +104,20 @@ class ServePoolDeployer:
 
 @serve.ingress()
 class RouterDeployment:
-    """The ingress replica: builds a :class:`Router` bound to the controller."""
+    """The ingress replica: builds a :class:`Router` bound to the controller, with the admin API under
+    ``/admin``."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, config: TpgateConfig) -> None:
         self._settings = settings
+        self._config = config
 
     def __serve_build_asgi_app__(self) -> Router:
-        return Router(self._settings, ControlClient(name=CONTROLLER_NAME, namespace=NAMESPACE))
+        from gateway.admin.surface import build_surface
+
+        metrics = GatewayMetrics()
+        admin = build_surface(self._config, admin_digest=self._settings.admin_token_digest or "", metrics=metrics)
+        return Router(self._settings, ControlClient(name=CONTROLLER_NAME, namespace=NAMESPACE), metrics=metrics,
+                      admin=admin)
 
 
 def router_settings(
@@ -118,6 +131,8 @@ def router_settings(
         queue_timeout_s=r.queue_timeout_s,
         max_attempts=r.max_attempts,
         max_body_bytes=r.max_body_bytes,
+        body_read_timeout_s=r.body_read_timeout_s,
+        max_json_depth=r.max_json_depth,
         retry_after_s=r.retry_after_s,
         api_key_classes=api_key_classes,
         admin_token_digest=admin_digest,
@@ -139,8 +154,21 @@ def controller_settings(config: TpgateConfig, capacity: Capacity) -> ControllerS
         recovery_grace_s=LEASE_HEALTH_CHECKS * period_s + LEASE_MARGIN_S,
         store_path=str(Path(config.state_file).expanduser()),
         gateway_url=f"http://{config.server.host}:{config.server.port}",
+        promotion_policies={name: promotion_policy(config, name) for name in config.classes},
     )
     return replace(settings, digest=hashlib.sha256(repr(settings).encode()).hexdigest()[:16])
+
+
+def promotion_policy(config: TpgateConfig, class_name: str) -> PromotionPolicy:
+    """How ``class_name`` is promoted: the ``promotion:`` section with the class's SLOs."""
+    p, slo = config.promotion, config.classes[class_name].slo
+    error_rate_max = p.error_rate_max if p.error_rate_max is not None else slo.error_rate_max
+    return PromotionPolicy(
+        steps=tuple(p.steps), dwell_s=p.dwell_s, min_requests=p.min_requests, max_inconclusive_s=p.max_inconclusive_s,
+        ready_timeout_s=p.ready_timeout_s, max_latency_ratio=p.max_latency_ratio,
+        error_rate_max=DEFAULT_ERROR_RATE_MAX if error_rate_max is None else error_rate_max, max_5xx=p.max_5xx,
+        check_period_s=p.check_period_s, ttft_p99_s=slo.ttft_p99_s, tpot_p99_s=slo.tpot_p99_s,
+    )
 
 
 def pool_deployer(config: TpgateConfig) -> ServePoolDeployer:
@@ -180,6 +208,23 @@ def kill_controller(actor: Any) -> None:
     ray.kill(actor, no_restart=True)
 
 
+def create_tuning_service(config: TpgateConfig) -> Any:
+    """Create the tuning service actor, owned by this process (it stops with the ``tpgate serve`` that started
+    it), on this node (its study storage sits next to the state file)."""
+    actor_cls = ray.remote(TuningService)
+    node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=TUNING_SERVICE_NAME, namespace=NAMESPACE, num_cpus=0, max_concurrency=100, scheduling_strategy=node,
+    ).remote(config)
+
+
+def find_tuning_service() -> Any | None:
+    try:
+        return ray.get_actor(TUNING_SERVICE_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
     deployment = serve.deployment(
         RouterDeployment,
@@ -189,4 +234,4 @@ def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     )
-    serve.run(deployment.bind(settings), name=ROUTER_APP, route_prefix="/")  # type: ignore[attr-defined]
+    serve.run(deployment.bind(settings, config), name=ROUTER_APP, route_prefix="/")  # type: ignore[attr-defined]

@@ -9,7 +9,9 @@ flags]``. :func:`prepare` points that variable at a launcher for this module, wh
 HAProxy:
 
 1. rewrites CONFIG in place (under Ray's own lock file): wildcard listeners (``*``, empty, ``0.0.0.0``) move
-   to 127.0.0.1, the admin socket gets mode 600;
+   to 127.0.0.1, the admin socket gets mode 600, and a client gets :data:`HEADER_TIMEOUT_S` to send a request's
+   headers (Ray sets no ``timeout http-request``, so a slow-loris client could hold one of HAProxy's connections
+   for ``timeout client``, an hour);
 2. checks the result and refuses to start HAProxy (exit status :data:`EXIT_UNSAFE`) if anything would still
    listen beyond loopback, other than the gateway's own front address: a future template with a listener
    this module does not know stops the fast path instead of exposing it;
@@ -40,6 +42,8 @@ from pathlib import Path
 from gateway.cluster.procutil import die_with_parent, free_loopback_port
 
 EXIT_UNSAFE = 78  # EX_CONFIG
+HEADER_TIMEOUT_S = 10  # a request's headers must arrive whole within this (the router bounds the body itself)
+HEADER_TIMEOUT = f"    timeout http-request {HEADER_TIMEOUT_S}s  # tpgate: slow clients cannot hold connections\n"
 LOOPBACK_V4 = "127.0.0.1"
 WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0"})
 LOCAL_SOCKET_PREFIXES = ("/", "unix@")
@@ -59,8 +63,10 @@ def confine(config: str, *, front: str) -> str:
 
     ``front`` is the gateway's own ``host:port``, which may be on any address. Raises :class:`UnsafeListener`
     naming the line if, after rewriting, anything would listen on a non-loopback address other than ``front``,
-    on an abstract or inherited socket, or if an admin socket is not a file-system socket.
+    on an abstract or inherited socket, or if an admin socket is not a file-system socket. A ``defaults`` section
+    without a ``timeout http-request`` gets one (:data:`HEADER_TIMEOUT_S`).
     """
+    header_timeout_set = any(line.split()[:2] == ["timeout", "http-request"] for line in config.splitlines())
     out = []
     for number, line in enumerate(config.splitlines(keepends=True), start=1):
         code = line.split("#", 1)[0]
@@ -80,6 +86,8 @@ def confine(config: str, *, front: str) -> str:
         elif words[:1] == ["peer"]:
             raise UnsafeListener(f"line {number}: 'peer' listeners are not allowed")
         out.append(line)
+        if words[:1] == ["defaults"] and not header_timeout_set:
+            out.append(HEADER_TIMEOUT)
     return "".join(out)
 
 

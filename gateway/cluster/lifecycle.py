@@ -40,6 +40,7 @@ from gateway.planner import find_gpu, load_model
 OWNER = f"pid {os.getpid()} on {socket.gethostname()}"
 OWNER_SILENT_AFTER_S = 30.0  # a controller whose tpgate serve was silent this long is stale
 TEARDOWN_TIMEOUT_S = 60.0
+TUNING_STOP_TIMEOUT_S = 45.0
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ def running_gateway(
     reset_state: bool,
     api_key_classes: Mapping[str, str | None],
     say: Callable[[str], None],
+    tuning_service: bool = True,
 ) -> Iterator[RunningGateway]:
-    """Run the gateway for the duration of the block (see the module's docstring)."""
+    """Run the gateway for the duration of the block (see the module's docstring); ``tuning_service``: with the
+    service online studies run in (the admin API's ``/admin/tuning``)."""
     token_path = ensure_admin_token(config.auth.admin_token_file)
     admin_token = read_admin_token(token_path)
     if reset_state:
@@ -84,7 +87,7 @@ def running_gateway(
 
             serve.start(http_options={"host": config.server.host, "port": config.server.port})
             client = ControlClient(name=builders.CONTROLLER_NAME, namespace=builders.NAMESPACE)
-            controller = None
+            controller = tuning = None
             try:
                 settings = builders.controller_settings(config, capacity)
                 controller = controller_for(settings, builders.pool_deployer(config), say=say)
@@ -99,6 +102,8 @@ def running_gateway(
                         f"{description['version']}) from {config.state_file}; the configuration's pools and routes "
                         f"seed only an empty store (--reset-state starts from them)")
                     sync_call(controller.reconcile.remote(now=True))
+                if tuning_service:
+                    tuning = builders.create_tuning_service(config)
                 builders.deploy_router(config, builders.router_settings(
                     config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
                 yield RunningGateway(client, controller, token_path, admin_token,
@@ -110,6 +115,7 @@ def running_gateway(
                           say=lambda line: say(f"stopping: {line}"))
                 raise
             finally:
+                stop_tuning_service(tuning)
                 if controller is not None:  # without one, nothing here is this gateway's to remove
                     with signals.answered(say, "still stopping: removing what this gateway deployed"):
                         teardown(client, controller, config, say=say)
@@ -166,6 +172,18 @@ def sync_call(awaitable: Awaitable[Any]) -> Any:
         return asyncio.run(call())
     except StateRejected as exc:
         raise UserError(str(exc)) from None
+
+
+def stop_tuning_service(actor: Any) -> None:
+    """Stop the studies in flight (each removes its trial pool and stops its load) and the service."""
+    if actor is None:
+        return
+    import ray
+
+    with contextlib.suppress(Exception):  # already gone: nothing of it to stop
+        ray.get(actor.shutdown.remote(), timeout=TUNING_STOP_TIMEOUT_S)
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)
 
 
 def teardown(client: ControlClient, controller: Any, config: TpgateConfig, *, say: Callable[[str], None]) -> None:

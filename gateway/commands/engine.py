@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--deviation", dest="deviation_file", metavar="FILE",
                      help="YAML/JSON factors by which the engine departs from the analytical model")
     sim.add_argument("--model-name", help="name clients use in 'model' (default: the model's name)")
+    sim.add_argument("--api-keys", nargs="*", metavar="KEY",
+                     help="as LMDeploy: requests need 'Authorization: Bearer <one of these>', except /health")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from gateway.engines.sim.config import SimEngineConfig, resolve
     from gateway.engines.sim.server import serve
 
-    values = {key: value for key, value in vars(args).items() if key not in ("command", "engine")}
+    values = {key: value for key, value in vars(args).items() if key not in ("command", "engine", "api_keys")}
     config = SimEngineConfig.from_values({k: v for k, v in values.items() if v is not None})
     setup = resolve(config)
     prometheus_client.disable_created_metrics()  # as LMDeploy does: no *_created series
-    asyncio.run(serve(setup, host=config.host, port=config.port))
+    asyncio.run(serve(setup, host=config.host, port=config.port, api_keys=tuple(args.api_keys or ())))
     return 0

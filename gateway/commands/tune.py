@@ -120,7 +120,7 @@ def own_gateway(config: TpgateConfig) -> Iterator[tuple[GatewayHandle, TpgateCon
             "state_file": str(Path(scratch) / "state.json"),
             "server": config.server.model_copy(update={"host": "127.0.0.1", "port": free_loopback_port()}),
         })
-        with running_gateway(own, initial=DesiredState(), reset_state=True,
+        with running_gateway(own, initial=DesiredState(), reset_state=True, tuning_service=False,
                              api_key_classes=resolve_api_keys(own, os.environ), say=_say) as gateway:
             _say(f"a gateway of its own on {gateway.url} ({own.gpus} x {own.gpu}, {own.engine.kind} engines)")
             yield GatewayHandle(control=gateway.client, admin_token=gateway.admin_token), own

@@ -4,7 +4,8 @@ to it.
 Every call has a timeout. Errors come back as these types, never as Ray's:
 
 - :class:`StateRejected` — the change was refused (over the GPU budget, a TP the planner rejects, an unknown
-  pool...); the message is the reason, fit for a person;
+  pool...); the message is the reason, fit for a person; :class:`Conflict` and :class:`NotFound` narrow it
+  (a promotion in the way or no room for one; no such promotion);
 - :class:`PoolFailed` — a pool could not be deployed, or its replicas failed to start (``reason`` says why);
 - :class:`ControllerUnavailable` — no controller answered in time (restarting, or not running).
 """
@@ -27,6 +28,14 @@ FAILED_PHASES = frozenset({"deploy_failed"})
 
 class StateRejected(ValueError):
     """The controller refused a change; the message is the reason."""
+
+
+class Conflict(StateRejected):
+    """Refused because of what runs now (another promotion of the class, no room in the GPU budget)."""
+
+
+class NotFound(StateRejected):
+    """No such promotion."""
 
 
 class PoolFailed(RuntimeError):
@@ -163,6 +172,34 @@ class ControlClient:
     async def put_records(self, section: str, value: Any) -> None:
         await self._call("put_records", section, value)
 
+    # --- promotions ----------------------------------------------------------------------------------------
+
+    async def start_promotion(self, class_name: str, pool: PoolSpec, *, source: str, judge: bool = True
+                              ) -> dict[str, Any]:
+        """Move a class to a new pool in the configured steps (see ``Controller.start_promotion``)."""
+        promotion: dict[str, Any] = await self._call("start_promotion", class_name, pool, source=source, judge=judge)
+        return promotion
+
+    async def promotions(self) -> list[dict[str, Any]]:
+        promotions: list[dict[str, Any]] = await self._call("promotions")
+        return promotions
+
+    async def promotion(self, promotion_id: str) -> dict[str, Any]:
+        promotion: dict[str, Any] = await self._call("promotion", promotion_id)
+        return promotion
+
+    async def abort_promotion(self, promotion_id: str, reason: str = "aborted by the operator") -> dict[str, Any]:
+        promotion: dict[str, Any] = await self._call("abort_promotion", promotion_id, reason)
+        return promotion
+
+    async def rollback_class(self, class_name: str) -> dict[str, Any]:
+        promotion: dict[str, Any] = await self._call("rollback_class", class_name)
+        return promotion
+
+    async def report_metrics(self, router_id: str, samples: Any) -> dict[str, Any]:
+        """A router's series of the classes under promotion; returns what to report next (see the controller)."""
+        wanted: dict[str, Any] = await self._call("report_metrics", router_id, samples)
+        return wanted
     async def set_stop_phase(self, phase: str) -> int:
         """The gateway is stopping (see :meth:`gateway.control.controller.Controller.set_stop_phase`)."""
         return int(await self._call("set_stop_phase", phase))
@@ -213,12 +250,21 @@ class ControlClient:
 
 
 def _mapped(exc: Any) -> Exception:
-    """A controller-side exception as the client's own type."""
-    from gateway.control.controller import DeployError
+    """A controller-side exception (wrapped by Ray) as the client's own type."""
+    return client_error(getattr(exc, "cause", None) or exc)
 
-    cause = getattr(exc, "cause", None)
+
+def client_error(cause: BaseException) -> Exception:
+    """What the controller raised, as the client's own type."""
+    from gateway.control.controller import DeployError
+    from gateway.control.promotion import PromotionConflict, UnknownPromotion
+
+    if isinstance(cause, PromotionConflict):
+        return Conflict(str(cause))
+    if isinstance(cause, UnknownPromotion):
+        return NotFound(str(cause))
     if isinstance(cause, StateError):
         return StateRejected(str(cause))
     if isinstance(cause, DeployError):
         return PoolFailed(cause.pool_id, cause.reason)
-    return RuntimeError(f"the controller failed: {cause or exc}")
+    return RuntimeError(f"the controller failed: {cause}")

@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import aiohttp
@@ -36,6 +36,9 @@ import aiohttp
 from gateway.control.drain import DrainTracker, RouterReport
 from gateway.control.endpoints import EndpointRegistry
 from gateway.control.events import EventLog
+from gateway.control.metric_reports import MetricReports, select
+from gateway.control.promotion import PromotionConflict, PromotionPolicy, promotion_to_dict
+from gateway.control.promotion_driver import PromotionDriver
 from gateway.control.reconcile import AppStatus, plan_repairs
 from gateway.control.state import (
     Capacity,
@@ -44,10 +47,12 @@ from gateway.control.state import (
     StateError,
     is_trial_route,
     pool_to_dict,
+    validate_pool,
     validate_state,
 )
 from gateway.control.store import StateStore, StoredState, StoreError
 from gateway.dataplane.routing import STOP_PHASES, Endpoint, PoolView, RouteSlo, RoutingTable, StopPhase
+from gateway.exposition import Samples
 
 logger = logging.getLogger("tpgate.controller")
 
@@ -100,6 +105,7 @@ class ControllerSettings:
     reconcile_grace_s: float = 15.0  # a pool deployed this recently is not "missing" from the cluster yet
     store_path: str | None = None
     gateway_url: str = ""  # where clients reach the gateway (for status readers such as the tuner)
+    promotion_policies: Mapping[str, PromotionPolicy] = field(default_factory=dict)  # class -> how it is promoted
     digest: str = ""
 
 
@@ -153,6 +159,10 @@ class Controller:
             for pool_id in self._desired.pools:
                 self._deployed_at[pool_id] = self._started_at
         self._recovering = self.restored
+        self._wall_clock = wall_clock
+        self._reports = MetricReports()
+        self._promotions = PromotionDriver(_PromotionHost(self), self._reports,
+                                           stored=self._records.get("promotions"), wall_clock=wall_clock)
         self._events.add("controller.started", f"controller epoch {self.epoch} started"
                          + (f", restored state version {self._version} from {settings.store_path}"
                             if self.restored else ""))
@@ -203,6 +213,9 @@ class Controller:
 
     async def apply(self, state: DesiredState) -> int:
         """Replace the whole desired state: deploy new or resized pools, reroute, drain pools no longer wanted."""
+        if self._promotions.active():
+            raise self._reject(f"promotions in progress ({', '.join(p.id for p in self._promotions.active())}); "
+                               "the whole state cannot be replaced until they end")
         async with self._write_lock:
             self._validate(state)
             await self._deploy_all([p for p in state.pools.values() if self._desired.pools.get(p.id) != p])
@@ -214,6 +227,10 @@ class Controller:
 
     async def add_pool(self, pool: PoolSpec) -> int:
         """Deploy a pool (or resize one); it takes traffic only once a route names it."""
+        self._refuse_if_promoting(pool=pool.id)
+        return await self._add_pool(pool)
+
+    async def _add_pool(self, pool: PoolSpec) -> int:
         async with self._write_lock:
             state = self._desired.with_pool(pool)
             self._validate(state)
@@ -225,6 +242,10 @@ class Controller:
 
     async def set_route(self, name: str, weights: Mapping[str, float], *, trial_class: str | None = None) -> int:
         """Set a route's weights. A trial route (``trial-...``) names the class it measures for."""
+        self._refuse_if_promoting(route=name)
+        return await self._set_route(name, weights, trial_class=trial_class)
+
+    async def _set_route(self, name: str, weights: Mapping[str, float], *, trial_class: str | None = None) -> int:
         async with self._write_lock:
             if is_trial_route(name) and trial_class is None and name not in self._desired.trial_classes:
                 raise self._reject(f"trial route {name!r} needs the class it measures for")
@@ -249,6 +270,10 @@ class Controller:
 
     async def remove_pool(self, pool_id: str) -> int:
         """Take a pool out of every route now, then delete it once drained (in the background)."""
+        self._refuse_if_promoting(pool=pool_id)
+        return await self._remove_pool(pool_id)
+
+    async def _remove_pool(self, pool_id: str) -> int:
         async with self._write_lock:
             if pool_id not in self._desired.pools:
                 raise self._reject(f"unknown pool {pool_id!r}")
@@ -272,6 +297,81 @@ class Controller:
         async with self._write_lock:
             self._records[section] = value
             self._persist()
+
+    # --- promotions ------------------------------------------------------------------------------------------
+
+    async def start_promotion(
+        self, class_name: str, pool: PoolSpec, *, source: str, judge: bool = True
+    ) -> dict[str, Any]:
+        """Move ``class_name`` to the new ``pool`` in the configured steps, judging each (``judge`` False: one step
+        without analysis, for a rollback to a known configuration). Returns the promotion as it stands once its
+        first actions ran; :class:`StateError` (a :class:`PromotionConflict` for a conflict) when refused."""
+        self._ensure_background_tasks()
+        if class_name not in self._settings.classes:
+            raise self._reject(f"unknown class {class_name!r} (classes: {', '.join(self._settings.classes)})")
+        try:
+            validate_pool(pool, self._settings.capacity)
+        except StateError as exc:
+            raise self._reject(str(exc)) from None
+        policy = self._settings.promotion_policies.get(class_name, PromotionPolicy())
+        if not judge:
+            policy = replace(policy, steps=(1.0,), judge=False)
+        promotion_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
+        try:
+            promotion = await self._promotions.start(promotion_id=promotion_id, class_name=class_name,
+                                                     candidate=pool, policy=policy, source=source)
+        except PromotionConflict as exc:
+            raise self._reject(str(exc)) from None
+        return promotion_to_dict(promotion)
+
+    def promotions(self) -> list[dict[str, Any]]:
+        """Every promotion the store remembers, oldest first."""
+        return [promotion_to_dict(p) for p in self._promotions.all()]
+
+    def promotion(self, promotion_id: str) -> dict[str, Any]:
+        return promotion_to_dict(self._promotions.get(promotion_id))
+
+    async def abort_promotion(self, promotion_id: str, reason: str = "aborted by the operator") -> dict[str, Any]:
+        """Roll an active promotion back now (weights to the old pools at once, the new pool drained)."""
+        return promotion_to_dict(await self._promotions.abort(promotion_id, reason))
+
+    async def rollback_class(self, class_name: str) -> dict[str, Any]:
+        """Abort the class's promotion in progress; with none, bring back the pool its last successful promotion
+        replaced (in one step, without analysis). :class:`PromotionConflict` when there is nothing to go back to."""
+        if class_name not in self._settings.classes:
+            raise self._reject(f"unknown class {class_name!r}")
+        active = self._promotions.owner_of_class(class_name)
+        if active is not None:
+            return await self.abort_promotion(active.id, "rolled back by the operator")
+        done = [p for p in self._promotions.all() if p.class_name == class_name and p.phase == "succeeded"]
+        if not done:
+            raise self._reject(PromotionConflict(f"class {class_name!r} has no promotion to roll back"))
+        last = done[-1]
+        if len(last.old_pools) != 1:
+            raise self._reject(PromotionConflict(
+                f"the route promotion {last.id} replaced had {len(last.old_pools)} pools; set them again with "
+                "POST /admin/pools and PUT /admin/routes/{class}"))
+        (previous,) = last.old_pools.values()
+        pool_id = previous.id if previous.id not in self._desired.pools else f"{previous.id[:44]}-rb"
+        return await self.start_promotion(class_name, replace(previous, id=pool_id),
+                                          source=f"rollback of {last.id}", judge=False)
+
+    def report_metrics(self, router_id: str, samples: Samples) -> dict[str, Any]:
+        """A router's series of the classes under promotion. Returns what it should report next time (the classes)
+        and the promotion step of each class (for its ``tpgate_promotion_step`` gauge)."""
+        self._ensure_background_tasks()
+        watched = self._promotions.watched()
+        self._reports.report(router_id, select(samples, watched), now_s=self._clock())
+        return {"classes": sorted(watched), "steps": {c: {"step": s, "weight": w} for c, (s, w) in watched.items()}}
+
+    def _refuse_if_promoting(self, *, pool: str | None = None, route: str | None = None) -> None:
+        owner = (self._promotions.owner_of_pool(pool) if pool is not None
+                 else self._promotions.owner_of_class(route) if route is not None else None)
+        if owner is not None:
+            what = f"pool {pool!r}" if pool is not None else f"route {route!r}"
+            raise self._reject(PromotionConflict(
+                f"{what} belongs to promotion {owner.id} ({owner.phase}, step {owner.step + 1}/"
+                f"{len(owner.policy.steps)}); wait for it or abort it first"))
 
     # --- routers ---------------------------------------------------------------------------------------------
 
@@ -387,6 +487,8 @@ class Controller:
             "draining": draining,
             "routes": {name: dict(w) for name, w in self._desired.routes.items()},
             "trial_classes": dict(self._desired.trial_classes),
+            "promotions": [promotion_to_dict(p) for p in self._promotions.all()[-10:]],
+            "studies": self._records.get("studies") or {},
             "routers": len(self._drains.live_reports(now_s=now)),
             "events": [e.as_dict() for e in self._events.recent(50)],
         }
@@ -410,9 +512,10 @@ class Controller:
         except StateError as exc:
             raise self._reject(str(exc)) from None
 
-    def _reject(self, reason: str) -> StateError:
-        self._events.add("state.rejected", reason)
-        return StateError(reason)
+    def _reject(self, reason: str | StateError) -> StateError:
+        error = reason if isinstance(reason, StateError) else StateError(reason)
+        self._events.add("state.rejected", str(error))
+        return error
 
     async def _deploy_all(self, pools: list[PoolSpec]) -> None:
         """Deploy each pool; on a failure, undo what this call deployed and raise :class:`DeployError`."""
@@ -548,6 +651,7 @@ class Controller:
         self._background_started = True
         self._spawn(self._reconcile_forever())
         self._spawn(self._probe_endpoints_forever())
+        self._spawn(self._promotions.run_forever())
         for pool_id in self._drains.draining():
             self._spawn(self._drain_then_delete(pool_id))
 
@@ -644,3 +748,43 @@ def _describe_weights(weights: Mapping[str, float]) -> str:
 
 def _describe_routes(state: DesiredState) -> str:
     return "; ".join(f"{name}: {_describe_weights(w)}" for name, w in state.routes.items()) or "no routes"
+
+
+class _PromotionHost:
+    """The controller as the promotion driver sees it: its writes go through the one writer, without the guard
+    that keeps everyone else off a promotion's pools and route."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def desired_state(self) -> DesiredState:
+        return self._controller._desired
+
+    def free_gpus(self) -> int:
+        return self._controller._settings.capacity.gpus - self._controller._desired.gpus_used
+
+    def ready_replicas(self, pool_id: str) -> int:
+        if pool_id not in self._controller._desired.pools:
+            return 0
+        return len(self._controller._endpoints.endpoints(pool_id))
+
+    def pool_failure(self, pool_id: str) -> str | None:
+        phase = self._controller._phases.get(pool_id)
+        if pool_id not in self._controller._desired.pools or phase is None or phase.phase != "deploy_failed":
+            return None
+        return phase.message or phase.phase
+
+    async def set_pool(self, pool: PoolSpec) -> None:
+        await self._controller._add_pool(pool)
+
+    async def set_weights(self, class_name: str, weights: Mapping[str, float]) -> None:
+        await self._controller._set_route(class_name, weights)
+
+    async def remove_pool(self, pool_id: str) -> None:
+        await self._controller._remove_pool(pool_id)
+
+    def record_event(self, kind: str, message: str, *, pool: str | None, route: str | None) -> None:
+        self._controller._events.add(kind, message, pool=pool, route=route)
+
+    async def save_records(self, section: str, value: Any) -> None:
+        await self._controller.put_records(section, value)

@@ -30,6 +30,12 @@ KINDS = frozenset({
     "drain.deadline",  # ... and was deleted at its deadline with requests still reported
     "reconcile.repair",  # the reconcile loop found a difference between desired and running, and fixed it
     "reconcile.failed",  # ... and could not fix it this round
+    "promotion.started",  # a class began moving to a new pool
+    "promotion.step",  # its traffic moved to the next step (or a step's window opened)
+    "promotion.room",  # an old pool gave up a replica, or the new one grew, to make room in the GPU budget
+    "promotion.check",  # a step was judged and passed (the message has the figures)
+    "promotion.succeeded",  # the class runs on the new pool; the old pools are drained and removed
+    "promotion.rolled_back",  # the class went back to its old pools (the message is the reason)
     "gateway.stopping",  # the gateway is stopping: routers refuse new requests, or also end those in flight
 })
 

@@ -6,6 +6,7 @@ as little machinery as possible (DESIGN.md: every in-path hop costs real millise
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
@@ -34,11 +35,24 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int) -> bytes:
-    """The whole request body; 413 beyond ``limit_bytes`` (checked against Content-Length first)."""
+async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int, timeout_s: float) -> bytes:
+    """The whole request body: 413 beyond ``limit_bytes`` (checked against Content-Length before any byte is read,
+    then as chunks arrive), 408 when the whole body has not arrived within ``timeout_s`` seconds, so a client that
+    trickles its body (slow loris) cannot hold a router slot for ever."""
     declared = header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit_bytes}")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "Content-Length must be a decimal number of bytes")
+        if int(declared) > limit_bytes:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit_bytes}")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_chunks(receive, limit_bytes)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read_chunks(receive: Receive, limit_bytes: int) -> bytes:
     chunks = []
     size = 0
     while True:

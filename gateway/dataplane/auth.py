@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from gateway.dataplane.asgi import Scope, header
 from gateway.errors import ApiError
@@ -25,6 +26,21 @@ def bearer_token(scope: Scope) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a proxied request: the admin (the tuner measuring a trial) or a client with an API key's class."""
+
+    admin: bool
+    key_class: str | None
+
+
+def authorize(scope: Scope, key_classes: Mapping[str, str | None], admin_digest: str | None) -> Caller:
+    """The caller of a proxied request. The admin token is accepted wherever an API key is (the tuner sends it
+    to reach trial routes); otherwise the API key rules of :func:`api_key_class` apply."""
+    token = bearer_token(scope)
+    if token is not None and admin_digest is not None and hmac.compare_digest(secret_digest(token), admin_digest):
+        return Caller(admin=True, key_class=None)
+    return Caller(admin=False, key_class=api_key_class(scope, key_classes))
 
 
 def api_key_class(scope: Scope, key_classes: Mapping[str, str | None]) -> str | None:
@@ -43,8 +59,12 @@ def api_key_class(scope: Scope, key_classes: Mapping[str, str | None]) -> str | 
 
 
 def require_admin(scope: Scope, admin_digest: str | None) -> None:
+    """401 without a bearer token, 403 with a wrong one (or when no admin token is configured)."""
     if admin_digest is None:
         raise ApiError(403, "the admin API is disabled: no admin token is configured")
     token = bearer_token(scope)
-    if token is None or not hmac.compare_digest(secret_digest(token), admin_digest):
-        raise ApiError(401, "admin API: missing or invalid bearer token", headers=BEARER_CHALLENGE)
+    if token is None:
+        raise ApiError(401, "admin API: send 'Authorization: Bearer <admin token>' (the token is in the file "
+                       "auth.admin_token_file names)", code="missing_admin_token", headers=BEARER_CHALLENGE)
+    if not hmac.compare_digest(secret_digest(token), admin_digest):
+        raise ApiError(403, "admin API: the bearer token is not the admin token", code="invalid_admin_token")

@@ -18,6 +18,11 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 
                      7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                        0.3, 0.5, 1.0)
+# Token counts per request: powers of the square root of two, so a quantile read from a bucket is off by at most
+# that factor and usually far less (the live profile's length distributions come from these).
+TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024, 1448, 2048,
+                       2896, 4096, 5793, 8192, 11585, 16384, 23170, 32768, 46341, 65536, 131072)
+API_BY_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # the ``api`` label of arrivals
 
 
 class RouteSeries:
@@ -43,6 +48,25 @@ class RouteSeries:
         if counter is None:
             counter = self._requests_by_status[status] = self._metrics.requests.labels(*self._labels, status)
         return counter
+
+
+class ClassSeries:
+    """The live-profile series of one workload class, bound once: arrivals by API and streaming, requests in
+    flight, and the prompt and output token counts of each successful request (from the engine's ``usage``)."""
+
+    def __init__(self, metrics: GatewayMetrics, route: str) -> None:
+        self._arrivals = {(path, stream): metrics.arrivals.labels(route, api, "true" if stream else "false")
+                          for path, api in API_BY_PATH.items() for stream in (False, True)}
+        self.inflight = metrics.class_inflight.labels(route)
+        self.prompt_length = metrics.request_prompt_tokens.labels(route)
+        self.output_length = metrics.request_output_tokens.labels(route)
+
+    def arrived(self, path: str, stream: bool) -> None:
+        """A request of this class arrived (classified) and is now in flight."""
+        arrivals = self._arrivals.get((path, stream))
+        if arrivals is not None:
+            arrivals.inc()
+        self.inflight.inc()
 
 
 class GatewayMetrics:
@@ -81,6 +105,18 @@ class GatewayMetrics:
             registry=r)
         self.upstream_errors = Counter(
             "tpgate_upstream_errors", "Failed upstream attempts, by reason", ["pool", "reason"], registry=r)
+        self.arrivals = Counter(
+            "tpgate_arrivals", "Requests that arrived for a class (counted once classified), by API and streaming",
+            ["class", "api", "stream"], registry=r)
+        self.class_inflight = Gauge(
+            "tpgate_class_inflight_requests", "Requests of a class in the gateway now (classified, not finished)",
+            ["class"], registry=r)
+        self.request_prompt_tokens = Histogram(
+            "tpgate_request_prompt_tokens", "Prompt tokens of each successful request (engine usage)", ["class"],
+            buckets=TOKEN_COUNT_BUCKETS, registry=r)
+        self.request_output_tokens = Histogram(
+            "tpgate_request_output_tokens", "Output tokens of each successful request (engine usage)", ["class"],
+            buckets=TOKEN_COUNT_BUCKETS, registry=r)
         self.route_weight = Gauge(
             "tpgate_route_weight_ratio", "Share of a class's traffic routed to a pool", ["class", "pool"], registry=r)
         self.pool_replicas = Gauge(
@@ -89,8 +125,15 @@ class GatewayMetrics:
             "tpgate_pool_desired_replicas", "Engine replicas a pool should have", ["pool", "tp"], registry=r)
         self.state_version = Gauge(
             "tpgate_state_version", "Version of the controller state this router follows", registry=r)
+        self.promotion_step = Gauge(
+            "tpgate_promotion_step", "Step of the class's promotion in progress (1 = the first; 0 = its new pool "
+            "is coming up); no series when none runs", ["class"], registry=r)
+        self.promotion_weight = Gauge(
+            "tpgate_promotion_weight_ratio", "Share of the class's traffic its promotion has moved to the new pool",
+            ["class"], registry=r)
 
         self._series: dict[tuple[str, str], RouteSeries] = {}
+        self._class_series: dict[str, ClassSeries] = {}
         self._inflight: dict[tuple[str, str], Any] = {}
         self._error_labels: set[tuple[str, str]] = set()
         self._retry_pools: set[str] = set()
@@ -99,6 +142,12 @@ class GatewayMetrics:
         series = self._series.get((route, pool))
         if series is None:
             series = self._series[(route, pool)] = RouteSeries(self, route, pool)
+        return series
+
+    def class_series(self, route: str) -> ClassSeries:
+        series = self._class_series.get(route)
+        if series is None:
+            series = self._class_series[route] = ClassSeries(self, route)
         return series
 
     def inflight_gauge(self, pool: str, replica: str) -> Any:
@@ -124,6 +173,13 @@ class GatewayMetrics:
                     metric.remove(route, pool)
                 for status in series.statuses():
                     self.requests.remove(route, pool, status)
+        for route in [route for route in self._class_series if route not in routes and route != NO_CLASS]:
+            del self._class_series[route]
+            for api in API_BY_PATH.values():
+                for stream in ("false", "true"):
+                    self.arrivals.remove(route, api, stream)
+            for metric in (self.class_inflight, self.request_prompt_tokens, self.request_output_tokens):
+                metric.remove(route)
         for pool, replica in [key for key in self._inflight if key[0] not in pools]:
             del self._inflight[(pool, replica)]
             self.inflight.remove(pool, replica)
@@ -145,3 +201,22 @@ class GatewayMetrics:
 NO_POOL = "none"  # the pool label of a request answered before a pool was chosen
 NO_CLASS = "none"  # the class label of a request refused before its class was known
 
+
+
+class DriftMetrics:
+    """The drift monitor's metrics, in a registry of its own (the monitor serves them; routers do not)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.drifted = Gauge(
+            "tpgate_class_drifted", "1 when the class's live traffic has drifted from the profile it was tuned for",
+            ["class"], registry=r)
+        self.drift_ratio = Gauge(
+            "tpgate_class_drift_ratio", "The last interval's live figure over the reference's, by distance "
+            "(slo_attainment: the attainment itself)", ["class", "distance"], registry=r)
+        self.retune_advised = Gauge(
+            "tpgate_class_retune_advised", "1 when the guard rails would re-tune the class now", ["class"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -47,9 +47,10 @@ from gateway.dataplane.asgi import (
     send_error,
     send_json,
 )
-from gateway.dataplane.auth import api_key_class, require_admin
+from gateway.dataplane.auth import authorize, require_admin
+from gateway.dataplane.bodies import parse_json_object
 from gateway.dataplane.gate import ConcurrencyGate
-from gateway.dataplane.metrics import NO_CLASS, NO_POOL, GatewayMetrics
+from gateway.dataplane.metrics import NO_CLASS, NO_POOL, ClassSeries, GatewayMetrics
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -83,6 +84,18 @@ CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
+ADMIN_PREFIX = "/admin/"
+
+
+class AdminSurface(Protocol):
+    """What the router serves under ``/admin`` besides ``/admin/status`` (:mod:`gateway.admin`): an ASGI app that
+    lives as long as the router."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ControlPlane(Protocol):
@@ -107,6 +120,8 @@ class RouterSettings:
     queue_timeout_s: float = 2.0
     max_attempts: int = 3
     max_body_bytes: int = 8 * 1024 * 1024
+    body_read_timeout_s: float = 30.0
+    max_json_depth: int = 64
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
@@ -120,6 +135,7 @@ class _Request:
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
+    class_series: ClassSeries | None = None  # its class's live-profile series, once classified
 
 
 class ServedPath:
@@ -148,8 +164,10 @@ class Router:
         metrics: GatewayMetrics | None = None,
         rng: random.Random | None = None,
         router_id: str | None = None,
+        admin: AdminSurface | None = None,
     ) -> None:
         self._settings = settings
+        self._admin = admin
         self._control = control
         self.metrics = metrics or GatewayMetrics()
         self._rng = rng or random.Random()
@@ -169,6 +187,7 @@ class Router:
             ("GET", "/metrics"): self._metrics,
             ("GET", "/health"): self._health,
             ("GET", "/admin/status"): self._admin_status,
+            ("GET", "/admin/engine-targets"): self._engine_targets,
         }
         self._paths = {path for _, path in self._handlers}
         # in the handlers' order, the hot paths first: Serve tries them in turn on every request
@@ -188,6 +207,9 @@ class Router:
         if scope["type"] != "http":
             return
         handler = self._handlers.get((scope["method"], scope["path"]))
+        if handler is None and self._admin is not None and scope["path"].startswith(ADMIN_PREFIX):
+            await self._admin(scope, receive, send)
+            return
         try:
             if handler is None:
                 if scope["path"] in self._paths:
@@ -213,9 +235,13 @@ class Router:
     async def start(self) -> None:
         self._session = new_session()
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+        if self._admin is not None:
+            await self._admin.start()
 
     async def stop(self) -> None:
         self._end_inflight()
+        if self._admin is not None:
+            await self._admin.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -305,7 +331,7 @@ class Router:
     # --- endpoints ------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api_key_class(scope, self._settings.api_key_classes)
+        authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
         self._require_table()
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tpgate", "simulated": simulated}
                 for model, simulated in served_models(self._table)]
@@ -331,6 +357,12 @@ class Router:
     async def _admin_status(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_admin(scope, self._settings.admin_token_digest)
         await send_json(send, 200, await self._control.raw_status())
+
+    async def _engine_targets(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The engines to scrape, in Prometheus' HTTP service-discovery format (``http_sd_configs``), labelled
+        with their pool and replica: Prometheus follows pools as they come and go (admin token)."""
+        require_admin(scope, self._settings.admin_token_digest)
+        await send_json(send, 200, engine_targets(self._table))
 
     def _require_table(self) -> None:
         if not self._table.published:
@@ -365,6 +397,8 @@ class Router:
             await self._send_ended(send, request)
         finally:
             del self._active[task]
+            if request.class_series is not None:
+                request.class_series.inflight.dec()
             self._record(request, started)
 
     async def _send_ended(self, send: Send, request: _Request) -> None:
@@ -381,20 +415,18 @@ class Router:
             await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
-        key_class = api_key_class(scope, self._settings.api_key_classes)
-        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "request body must be a JSON object")
+        caller = authorize(scope, self._settings.api_key_classes, self._settings.admin_token_digest)
+        body = await read_body(scope, receive, limit_bytes=self._settings.max_body_bytes,
+                               timeout_s=self._settings.body_read_timeout_s)
+        payload = parse_json_object(body, max_depth=self._settings.max_json_depth)
         self._require_table()
         table = self._table
         route = classify(table, model=payload.get("model"), header_class=header(scope, CLASS_HEADER.encode()),
-                         key_class=key_class)
+                         key_class=caller.key_class, trial_allowed=caller.admin)
         request.route = route.route
         stream = request.stream = payload.get("stream") is True
+        request.class_series = self.metrics.class_series(route.route)
+        request.class_series.arrived(scope["path"], stream)
         forward_usage = True
         if stream:
             payload, forward_usage = with_usage_requested(payload)
@@ -507,6 +539,10 @@ class Router:
         tokens = outcome.output_tokens or outcome.content_events
         series.output_tokens.inc(tokens)
         series.prompt_tokens.inc(outcome.prompt_tokens)
+        if request.class_series is not None:
+            if outcome.prompt_tokens:
+                request.class_series.prompt_length.observe(outcome.prompt_tokens)
+            request.class_series.output_length.observe(tokens)
         ttft_s = tpot_s = None
         if outcome.first_token_at is not None:
             ttft_s = outcome.first_token_at - started
@@ -521,6 +557,13 @@ class Router:
             if slo.met(ttft_s=None if ttft_s is None else ttft_s * scale,
                        tpot_s=None if tpot_s is None else tpot_s * scale, e2e_s=e2e_s * scale):
                 series.slo_met.inc()
+
+
+def engine_targets(table: RoutingTable) -> list[dict[str, Any]]:
+    """One Prometheus HTTP SD target group per healthy engine replica."""
+    return [{"targets": [endpoint.url.split("://", 1)[-1]],
+             "labels": {"pool": pool.id, "replica": endpoint.replica_id, "tp": str(pool.tp)}}
+            for pool in table.pools.values() for endpoint in pool.endpoints]
 
 
 def _served_by(request: _Request) -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway.control.state import is_trial_route
 from gateway.errors import ApiError
 
 CLASS_HEADER = "x-workload-class"
@@ -99,17 +100,24 @@ def classify(
     model: object,
     header_class: str | None,
     key_class: str | None,
+    trial_allowed: bool = False,
 ) -> Classification:
     """Pick the route: the ``x-workload-class`` header, then a ``<model>:<class>`` alias, then the API key's
-    default class, then the deployment default. The model must be the served one or one of its aliases."""
+    default class, then the deployment default. The model must be the served one or one of its aliases.
+    The header may name a trial route only when ``trial_allowed`` (the caller holds the admin token): 403
+    otherwise, so an ordinary API key never reaches a pool under measurement."""
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required and must be a string", param="model")
     base, sep, alias_class = model.partition(ALIAS_SEPARATOR)
     if base != table.model or (sep and alias_class not in table.classes):
         raise ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
     if header_class is not None:
-        if header_class not in table.routes:
-            known = ", ".join(sorted(table.routes))
+        reachable = table.routes if trial_allowed else table.production_routes()
+        if header_class not in reachable:
+            if is_trial_route(header_class):  # the same answer whether it exists or not: nothing about trials leaks
+                raise ApiError(403, f"'{header_class}' in {CLASS_HEADER} is a trial route: only the admin token "
+                               "reaches trial routes", param=CLASS_HEADER, code="trial_route_forbidden")
+            known = ", ".join(sorted(reachable))
             raise ApiError(400, f"unknown workload class '{header_class}' in {CLASS_HEADER} (known: {known})",
                            param=CLASS_HEADER)
         route = header_class

@@ -110,3 +110,13 @@ routes:
 
 def test_documented_example_is_exactly_the_defaults():
     assert load_config(Path(__file__).parents[2] / "deploy" / "tpgate.example.yaml") == load_config()
+
+
+def test_promotion_steps_must_increase_to_one(tmp_path):
+    assert load_config().promotion.steps == [0.1, 0.5, 1.0]
+    assert load_config(write(tmp_path, "promotion: {steps: [0.25, 1]}\n")).promotion.steps == [0.25, 1.0]
+    for steps in ("[0.5, 0.2, 1]", "[0.1, 0.5]", "[0.5, 0.5, 1]"):
+        with pytest.raises(UserError, match="promotion.steps must increase and end at 1"):
+            load_config(write(tmp_path, f"promotion: {{steps: {steps}}}\n"))
+    with pytest.raises(UserError, match="promotion.steps"):
+        load_config(write(tmp_path, "promotion: {steps: [0, 1]}\n"))

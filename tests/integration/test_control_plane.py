@@ -67,8 +67,11 @@ def client(gateway):
 def chat(gateway, *, route="interactive", max_tokens=8, stream=False, timeout_s=60.0):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
             "ignore_eos": True, "stream": stream}
+    headers = {"content-type": "application/json", "x-workload-class": route}
+    if route.startswith("trial-"):  # only the admin token reaches trial routes
+        headers["authorization"] = f"Bearer {gateway.admin_token}"
     request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json", "x-workload-class": route})
+                                     headers=headers)
     with urllib.request.urlopen(request, timeout=timeout_s) as resp:
         return resp.status, resp.read()
 

@@ -4,22 +4,12 @@ import random
 import pytest
 
 from gateway.dataplane.metrics import LATENCY_BUCKETS_S
+from gateway.exposition import histogram_quantile, parse_exposition
 from tests.tuner.traffic import GatewayTraffic
-from tuner.scrape import counter_increase, histogram_quantile, parse_exposition, window_values
+from tuner.scrape import window_values
 from tuner.window import HISTOGRAMS, OUTPUT_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL, REQUESTS_TOTAL, WindowFigures
 
 INF = math.inf
-
-
-def test_parse_reads_labels_escapes_and_special_values():
-    samples = parse_exposition('# HELP x y\n# TYPE x counter\nx_total{a="1",b="q\\"uo\\\\te\\n"} 3.5\n'
-                               'y{le="+Inf"} +Inf\nz NaN\nw 7 1700000000000\n')
-    assert samples[("x_total", frozenset({("a", "1"), ("b", 'q"uo\\te\n')}))] == 3.5
-    assert samples[("y", frozenset({("le", "+Inf")}))] == INF
-    assert math.isnan(samples[("z", frozenset())])
-    assert samples[("w", frozenset())] == 7
-    with pytest.raises(ValueError, match="line 1: not a Prometheus sample"):
-        parse_exposition("what is this\n")
 
 
 def test_the_names_the_tuner_reads_are_the_gateways():
@@ -29,35 +19,6 @@ def test_the_names_the_tuner_reads_are_the_gateways():
     assert {REQUESTS_TOTAL, OUTPUT_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL} <= names
     for metric in HISTOGRAMS.values():
         assert {f"{metric}_bucket", f"{metric}_sum", f"{metric}_count"} <= names
-
-
-def test_counter_increase_handles_resets_and_new_series():
-    assert counter_increase(10, 25) == 15
-    assert counter_increase(10, 4) == 4  # reset in between: counts from zero
-    assert counter_increase(None, 6) == 6  # born in the window
-    assert counter_increase(5, None) == 0
-
-
-def test_histogram_quantile_interpolates_inside_the_bucket():
-    buckets = [(1.0, 2), (2.0, 6), (4.0, 9), (INF, 10)]  # cumulative counts
-    assert histogram_quantile(0.5, buckets) == pytest.approx(1.75)  # rank 5: (1, 2] holds ranks 3-6 -> 1 + 3/4
-    assert histogram_quantile(0.1, buckets) == pytest.approx(0.5)  # lowest bucket: from 0
-    assert histogram_quantile(0.9, buckets) == pytest.approx(4.0)
-    assert histogram_quantile(0.95, buckets) == 4.0  # in the +Inf bucket: the highest finite bound
-
-
-def test_histogram_quantile_special_cases_follow_prometheus():
-    buckets = [(1.0, 2), (2.0, 6), (INF, 10)]
-    assert histogram_quantile(-0.1, buckets) == -INF
-    assert histogram_quantile(1.1, buckets) == INF
-    assert math.isnan(histogram_quantile(math.nan, buckets))
-    assert math.isnan(histogram_quantile(0.5, [(1.0, 0), (INF, 0)]))  # no observations
-    assert math.isnan(histogram_quantile(0.5, [(1.0, 3), (2.0, 4)]))  # no +Inf bucket
-    assert math.isnan(histogram_quantile(0.5, [(INF, 4)]))  # one bucket only
-    assert histogram_quantile(0.5, [(-1.0, 3), (INF, 4)]) == -1.0  # lowest bound <= 0: no interpolation
-    # unsorted, duplicated bounds merged, counts made non-decreasing
-    assert histogram_quantile(0.5, [(INF, 10), (2.0, 3), (1.0, 2), (2.0, 3), (4.0, 5)]) == pytest.approx(1.75)
-    assert histogram_quantile(0.5, [(1.0, 6), (2.0, 4), (INF, 10)]) == pytest.approx(5 / 6)
 
 
 def test_window_quantile_is_the_quantile_of_the_windows_own_observations():

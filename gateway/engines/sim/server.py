@@ -12,13 +12,16 @@ error, the port closes, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.engines.sim.clock import Clock, ScaledClock
@@ -41,6 +44,7 @@ from gateway.errors import ERROR_TYPE_BY_STATUS, ApiError, error_body
 from gateway.planner.perf import StepCostModel
 
 OWNED_BY = "tpgate-simulator"
+AUTH_EXEMPT_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")  # LMDeploy 0.18's AuthenticationMiddleware
 MAX_BODY_BYTES = 16 * 1024**2
 
 SETUP = web.AppKey("setup", SimEngineSetup)
@@ -49,9 +53,15 @@ METRICS = web.AppKey("metrics", EngineMetrics)
 CONTEXT = web.AppKey("context", ServingContext)
 
 
-def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Application:
-    """The engine as an aiohttp application; the scheduler starts and stops with it."""
-    app = web.Application(middlewares=[_error_middleware], client_max_size=MAX_BODY_BYTES)
+def build_app(
+    setup: SimEngineSetup, *, clock: Clock | None = None, api_keys: tuple[str, ...] = ()
+) -> web.Application:
+    """The engine as an aiohttp application; the scheduler starts and stops with it. With ``api_keys``, every
+    request but those LMDeploy 0.18 exempts needs one of them as its bearer token (:func:`api_key_middleware`)."""
+    middlewares: list[Middleware] = [_error_middleware]
+    if any(api_keys):
+        middlewares.append(api_key_middleware(api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     metrics = EngineMetrics(
         model_name=setup.served_model_name,
         backend_info={
@@ -83,9 +93,10 @@ def build_app(setup: SimEngineSetup, *, clock: Clock | None = None) -> web.Appli
     return app
 
 
-async def serve(setup: SimEngineSetup, *, host: str, port: int) -> None:
+async def serve(setup: SimEngineSetup, *, host: str, port: int, api_keys: tuple[str, ...] = ()) -> None:
     """Serve until SIGTERM or SIGINT, then shut down cleanly."""
-    runner = web.AppRunner(build_app(setup), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(build_app(setup, api_keys=api_keys), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -126,6 +137,29 @@ async def _error_middleware(
             raise
         body = error_body(exc.reason, type=ERROR_TYPE_BY_STATUS.get(exc.status, "api_error"))
         return web.json_response(body, status=exc.status)
+
+
+def api_key_middleware(api_keys: tuple[str, ...]) -> Middleware:
+    """LMDeploy 0.18's ``--api-keys`` (``lmdeploy/serve/utils/server_utils.py``, ``AuthenticationMiddleware``):
+    every request needs ``Authorization: Bearer <key>`` with one of ``api_keys`` (compared as SHA-256 digests in
+    constant time), except OPTIONS and the paths under ``/health``, ``/docs``, ``/redoc`` and ``/nodes``; else 401.
+    ``/metrics`` is not exempt, as in LMDeploy."""
+    digests = [hashlib.sha256(key.encode()).digest() for key in api_keys if key]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" or request.path.startswith(AUTH_EXEMPT_PREFIXES):
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = hashlib.sha256(token.encode()).digest()
+        matched = False
+        for digest in digests:
+            matched |= secrets.compare_digest(given, digest)
+        if scheme.lower() != "bearer" or not matched:
+            raise ApiError(401, "Unauthorized.", code="unauthorized")
+        return await handler(request)
+
+    return check
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cluster import haproxy_guard
-from gateway.cluster.haproxy_guard import EXIT_UNSAFE, UnsafeListener, confine
+from gateway.cluster.haproxy_guard import EXIT_UNSAFE, HEADER_TIMEOUT, UnsafeListener, confine
 
 FRONT = "127.0.0.1:8000"
 
@@ -43,8 +43,16 @@ def test_confining_twice_changes_nothing():
 
 
 def test_everything_else_is_left_as_it_was():
-    config = "defaults\n    timeout connect 5s  # bind *:1 in a comment\nbackend b\n    server r 10.0.0.5:30000 check\n"
+    config = ("defaults\n    timeout connect 5s  # bind *:1 in a comment\n    timeout http-request 7s\n"
+              "backend b\n    server r 10.0.0.5:30000 check\n")
     assert confine(config, front=FRONT) == config
+
+
+def test_a_defaults_section_without_a_header_timeout_gets_one():
+    confined = confine("defaults\n    timeout client 3600s\nfrontend f\n    bind 127.0.0.1:1\n", front=FRONT)
+    assert confined.splitlines()[:2] == ["defaults", HEADER_TIMEOUT.rstrip("\n")]
+    assert HEADER_TIMEOUT.split("#")[0].split() == ["timeout", "http-request", "10s"]
+    assert confine(confined, front=FRONT) == confined
 
 
 def test_the_front_address_may_be_public():
@@ -101,6 +109,7 @@ def test_ray_2_60s_own_configuration_is_confined(tmp_path):
     confined = confine(rendered, front="127.0.0.1:8123")
     assert sorted(bind_addresses(confined)) == ["127.0.0.1:8123", "127.0.0.1:8404", "127.0.0.1:9101"]
     assert " mode 600 level admin" in confined
+    assert "timeout http-request" not in rendered and HEADER_TIMEOUT in confined  # Ray sets none: the guard does
 
 
 def test_main_rewrites_the_file_then_execs_haproxy_with_the_same_arguments(tmp_path, monkeypatch):

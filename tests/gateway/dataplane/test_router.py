@@ -316,7 +316,7 @@ async def test_admin_status_needs_the_token(engines):
         anonymous = await session.get(url + "/admin/status")
         wrong = await session.get(url + "/admin/status", headers={"Authorization": "Bearer nope"})
         ok = await session.get(url + "/admin/status", headers={"Authorization": "Bearer admin-secret"})
-        assert (anonymous.status, wrong.status, ok.status) == (401, 401, 200)
+        assert (anonymous.status, wrong.status, ok.status) == (401, 403, 200)
         assert await ok.json() == {"version": 1}
     assert b"admin-secret" not in router.metrics.exposition()
 
@@ -549,6 +549,39 @@ async def test_slo_met_requests_are_judged_in_the_engines_clock(engines):
     async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
         await post(session, url, chat())  # milliseconds of wall time are ages of engine time at this scale
     assert metric(router, "tpgate_slo_met_requests_total", **{"class": "interactive", "pool": "pa"}) == 1
+
+
+class RecordingSurface:
+    """An admin surface that answers 200 and records what reached it, and when it was started and stopped."""
+
+    def __init__(self):
+        self.paths, self.events = [], []
+
+    async def __call__(self, scope, receive, send):
+        self.paths.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"admin"})
+
+    async def start(self):
+        self.events.append("start")
+
+    async def stop(self):
+        self.events.append("stop")
+
+
+async def test_admin_paths_go_to_the_admin_surface_and_live_with_the_router(engines):
+    surface = RecordingSurface()
+    router = Router(RouterSettings(timeouts=TIMEOUTS, admin_token_digest=secret_digest("admin-secret")),
+                    StaticControl(table_for({}, {})), admin=surface)
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        state = await session.get(url + "/admin/state")
+        status = await session.get(url + "/admin/status", headers={"Authorization": "Bearer admin-secret"})
+        other = await session.get(url + "/v2/anything")
+        assert (state.status, await state.text()) == (200, "admin")
+        assert (await status.json()) == {"version": 1} and other.status == 404
+    assert surface.paths == ["/admin/state"]  # /admin/status stays the router's own; /v2 is not admin
+    assert surface.events == ["start", "stop"]
 
 
 def stopping(router, phase):

@@ -35,10 +35,10 @@ TABLE = RoutingTable(
     ("llama-3-8b:batch", None, "interactive", "batch", "llama-3-8b", True),  # then the alias
     ("llama-3-8b", None, "batch", "batch", "llama-3-8b", False),  # then the key's class
     ("llama-3-8b", None, None, "interactive", "llama-3-8b", False),  # then the default
-    ("llama-3-8b:interactive", "trial-7", None, "trial-7", "llama-3-8b", True),  # trial routes via header
+    ("llama-3-8b:interactive", "trial-7", None, "trial-7", "llama-3-8b", True),  # trial routes: admin only
 ])
 def test_classification_order(model, header, key_class, route, upstream, rewritten):
-    result = classify(TABLE, model=model, header_class=header, key_class=key_class)
+    result = classify(TABLE, model=model, header_class=header, key_class=key_class, trial_allowed=True)
     assert (result.route, result.upstream_model, result.rewritten) == (route, upstream, rewritten)
 
 
@@ -86,3 +86,18 @@ def test_replica_choice_spreads_load_and_honours_exclusions():
     assert len({choose_replica(eps, {}, rng).replica_id for _ in range(200)}) == 4
     assert choose_replica(eps, {}, rng, exclude={"r1", "r2", "r3"}).replica_id == "r4"
     assert choose_replica(eps, {}, rng, exclude={"r1", "r2", "r3", "r4"}) is None
+
+
+@pytest.mark.parametrize("header", ["trial-7", "trial-never-existed"])
+def test_a_trial_route_needs_the_admin_token_and_does_not_say_whether_it_exists(header):
+    with pytest.raises(ApiError) as info:
+        classify(TABLE, model="llama-3-8b", header_class=header, key_class="batch")
+    assert (info.value.status, info.value.code) == (403, "trial_route_forbidden")
+    assert classify(TABLE, model="llama-3-8b", header_class="trial-7", key_class=None,
+                    trial_allowed=True).route == "trial-7"
+
+
+def test_an_unknown_class_lists_only_workload_classes_to_a_client():
+    with pytest.raises(ApiError) as info:
+        classify(TABLE, model="llama-3-8b", header_class="realtime", key_class=None)
+    assert "(known: batch, interactive)" in info.value.message
