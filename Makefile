@@ -37,10 +37,10 @@ unit: $(STAMP)
 
 ## demo: online tuning and staged promotion of both classes on simulated engines, under load (a few minutes)
 demo: $(STAMP)
-	$(BIN)/python demo/online_tuning.py
+	$(BIN)/python benchmarks/demo/online_tuning.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tuner loadtests tests benchmarks demo
+	$(BIN)/ruff check gateway tuner loadtests tests benchmarks
 	$(BIN)/mypy
 
 clean:

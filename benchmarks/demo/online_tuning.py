@@ -1,6 +1,6 @@
 """`make demo`: online tuning and staged promotion on simulated engines, while traffic flows.
 
-1. Start `tpgate serve` on `demo/tpgate-demo.yaml` (InternVL2.5-38B on 12 simulated H100s; each class on one
+1. Start `tpgate serve` on `benchmarks/demo/tpgate-demo.yaml` (InternVL2.5-38B on 12 simulated H100s; each class on one
    TP 2 pool) with a state file and admin token of its own, on a free loopback port.
 2. Put each class's load on it (its profile, in wall time) for the whole demo.
 3. Measure each class over a window ("before").
