@@ -37,14 +37,14 @@ unit: $(STAMP)
 
 ## demo: online tuning and staged promotion of both classes on simulated engines, under load (a few minutes)
 demo: $(STAMP)
-	$(BIN)/python demo/online_tuning.py
+	$(BIN)/python benchmarks/demo/online_tuning.py
 
 ## demo-drift: class batch drifts from a few long prompts to many short ones; detected, re-tuned, promoted (~6 min)
 demo-drift: $(STAMP)
-	$(BIN)/python demo/drift_retune.py
+	$(BIN)/python benchmarks/demo/drift_retune.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tuner loadtests tests benchmarks demo
+	$(BIN)/ruff check gateway tuner loadtests tests benchmarks
 	$(BIN)/mypy
 
 clean:

@@ -59,12 +59,44 @@ TOKEN_GAP_S = 0.020
 STREAM_CONTEXT_TOKENS = 32
 LOOPBACK = "127.0.0.1"
 GATEWAY_START_TIMEOUT_S = 240.0
+GATEWAY_START_ATTEMPTS = 3
 IN_PATH_PREFIXES = ("ray::ProxyActor", "ray::ServeReplica:tpgate:")
 PROCESS_START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 JSON_HEADERS = {"content-type": "application/json"}
 CHAT_PATH = "/v1/chat/completions"
+
+# The settings of Ray Serve's request path on the router replica, as Ray 2.60 ships them: every variant below
+# names all of them, so a run measures the same thing whatever tpgate's own defaults are.
+SERVE_DEFAULTS = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "TPGATE_ROUTER__SERVE_ACCESS_LOG": "true",
+    "TPGATE_HAPROXY_SKIP_DISCONNECT_WATCH": "0",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "4",
+    "RAY_USE_UVLOOP": "1",
+}
+SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+BUFFERED_LOGS = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000", "RAY_SERVE_LOG_TO_STDERR": "0"}
+NO_ACCESS_LOG = {"TPGATE_ROUTER__SERVE_ACCESS_LOG": "false"}
+NO_DISCONNECT_WATCH = {"TPGATE_HAPROXY_SKIP_DISCONNECT_WATCH": "1"}
+# The ablation: Serve's defaults, then one setting added at a time (cumulative), then single changes on top.
+VARIANTS: dict[str, dict[str, str]] = {
+    "serve-defaults": SERVE_DEFAULTS,
+    "+same-loop": SERVE_DEFAULTS | SAME_LOOP,
+    "+buffered-logs": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS,
+    "+no-access-log": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG,
+    "+no-disconnect-watch": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH,
+    "+nbthread-1": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_SERVE_HAPROXY_NBTHREAD": "1"},
+    "+nbthread-2": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_SERVE_HAPROXY_NBTHREAD": "2"},
+    "all-but-uvloop": SERVE_DEFAULTS | SAME_LOOP | BUFFERED_LOGS | NO_ACCESS_LOG | NO_DISCONNECT_WATCH
+    | {"RAY_USE_UVLOOP": "0"},
+    "tpgate-defaults": {},
+}
 
 
 # --- results --------------------------------------------------------------------------------------------
@@ -88,6 +120,7 @@ class Row:
     added_gap_ms: float | None = None
     cpu_us_per_request: float | None = None  # CPU time of the processes on the request path (engine included)
     added_cpu_us_per_request: float | None = None
+    failures: int = 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,6 +136,7 @@ class Samples:
     ttfts_s: list[float] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
+    failures: int = 0  # requests that failed (connection dropped, non-200): left out of the figures
 
     def add(self, other: Samples) -> None:
         self.latencies_s += other.latencies_s
@@ -110,11 +144,12 @@ class Samples:
         self.ttfts_s += other.ttfts_s
         self.gaps_s += other.gaps_s
         self.cpu_s += other.cpu_s
+        self.failures += other.failures
 
     def row(self, run: str, target: str, mode: str) -> Row:
         ms = [s * 1000 for s in self.latencies_s]
         row = Row(run, target, mode, len(ms), percentile(ms, 50), percentile(ms, 99), len(ms) / self.elapsed_s,
-                  cpu_us_per_request=self.cpu_s / len(ms) * 1e6)
+                  cpu_us_per_request=self.cpu_s / len(ms) * 1e6, failures=self.failures)
         if self.ttfts_s:
             ttft_ms = [s * 1000 for s in self.ttfts_s]
             row.p50_ms, row.p99_ms = percentile(ttft_ms, 50), percentile(ttft_ms, 99)
@@ -152,7 +187,11 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, *, requests: int
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            samples.latencies_s.append(await _request(session, url, body))
+            try:
+                samples.latencies_s.append(await _request(session, url, body))
+            except (aiohttp.ClientError, RuntimeError) as exc:
+                samples.failures += 1
+                print(f"  {url}: {exc!r}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -349,11 +388,24 @@ def start_lmdeploy_proxy(procs: Processes, workdir: Path, engine: Target) -> Tar
     return Target(url, lambda: [psutil.Process(process.pid), *engine.processes()])
 
 
-def start_gateway(procs: Processes, workdir: Path, mode: str,
-                  time_scale: float) -> tuple[Target, subprocess.Popen[str]]:
-    """`tpgate serve` with one pool of one TP1 replica that every class routes to; returns once it is ready."""
+def start_bare_router(procs: Processes, workdir: Path, engine: Target, phase: str) -> Target:
+    """`benchmarks/bare_router.py`: the router app under a bare uvicorn in front of ``engine``."""
     port = free_port()
-    token_file = workdir / f"admin-token-{mode}"
+    log = workdir / f"bare-router-{phase}.log"
+    argv = [sys.executable, str(Path(__file__).with_name("bare_router.py")), "--engine", engine.url,
+            "--port", str(port)]
+    process = procs.start(argv, log=log)
+    url = f"http://{LOOPBACK}:{port}"
+    _await_status(url + "/v1/models", 200, process, log)
+    return Target(url, lambda: [psutil.Process(process.pid), *engine.processes()])
+
+
+def start_gateway(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
+                  env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
+    """`tpgate serve` with one pool of one TP1 replica that every class routes to, with ``env`` added to its
+    environment (Ray's processes inherit it); returns once it is ready."""
+    port = free_port()
+    token_file = workdir / f"admin-token-{run}"
     config = {
         "model": MODEL, "gpu": GPU, "gpus": 1,
         "engine": {"time_scale": time_scale},
@@ -361,23 +413,39 @@ def start_gateway(procs: Processes, workdir: Path, mode: str,
         "pools": {"bench": {"tp": 1, "replicas": 1}},
         "routes": {"interactive": {"bench": 1.0}, "batch": {"bench": 1.0}},
         "auth": {"admin_token_file": str(token_file)},
-        "state_file": str(workdir / f"state-{mode}.json"),
+        # one per gateway: a gateway restores the pools a stored state holds (with their engine's time scale)
+        "state_file": str(workdir / f"state-{run}-{time_scale:g}.json"),
     }
-    config_path = workdir / f"tpgate-{mode}.yaml"
+    config_path = workdir / f"tpgate-{run}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
-    log = workdir / f"tpgate-{mode}.log"
+    log = workdir / f"tpgate-{run}.log"
     argv = [str(Path(sys.executable).with_name("tpgate")), "serve", "--config", str(config_path), "--port", str(port)]
-    process = procs.start(argv, log=log)
+    process = procs.start(argv, log=log, env={**os.environ, **env})
     deadline = time.monotonic() + GATEWAY_START_TIMEOUT_S
     while "tpgate: ready" not in log.read_text(errors="replace"):
         procs.remember_descendants(process)
-        if process.poll() is not None:
-            raise RuntimeError(f"tpgate serve ({mode}) exited with {process.returncode}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"tpgate serve ({mode}) not ready within {GATEWAY_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+        exit_status = process.poll()
+        if exit_status is not None or time.monotonic() > deadline:
+            procs.stop(process)  # and what it left behind
+            what = (f"exited with {exit_status}" if exit_status is not None
+                    else f"not ready within {GATEWAY_START_TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"tpgate serve ({run}) {what}:\n{_tail(log)}")
         time.sleep(0.5)
     procs.remember_descendants(process)
     return Target(f"http://{LOOPBACK}:{port}", lambda: request_path(process.pid)), process
+
+
+def start_gateway_retrying(procs: Processes, workdir: Path, mode: str, time_scale: float, *, run: str,
+                           env: dict[str, str]) -> tuple[Target, subprocess.Popen[str]]:
+    """:func:`start_gateway`, tried up to :data:`GATEWAY_START_ATTEMPTS` times (on a crowded machine Ray's node
+    can time out while starting: Ray waits 30 s for its raylet)."""
+    for attempt in range(1, GATEWAY_START_ATTEMPTS):
+        try:
+            return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
+        except RuntimeError as exc:
+            print(f"  tpgate serve ({run}) did not start (attempt {attempt}): {str(exc).splitlines()[-1]}",
+                  file=sys.stderr, flush=True)
+    return start_gateway(procs, workdir, mode, time_scale, run=run, env=env)
 
 
 def request_path(gateway_pid: int) -> list[psutil.Process]:
@@ -466,7 +534,7 @@ def measure_phase(phase: str, targets: dict[str, Target], run: str, args: argpar
 
 def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
                   exposure: dict[str, list[dict[str, Any]]]) -> list[Row]:
-    modes = ["standard", "haproxy"] if args.mode == "both" else [args.mode]
+    runs = gateway_runs(args)
     with_lmdeploy = importlib.util.find_spec("lmdeploy") is not None and not args.no_lmdeploy
     if not with_lmdeploy:
         print("lmdeploy is not importable here (or --no-lmdeploy): its proxy is left out", file=sys.stderr)
@@ -479,20 +547,33 @@ def run_benchmark(args: argparse.Namespace, procs: Processes, workdir: Path,
         if with_lmdeploy:
             behind_proxy = start_engine(procs, workdir, f"engine-lmdeploy-{phase}", time_scale)
             baseline["lmdeploy proxy"] = start_lmdeploy_proxy(procs, workdir, behind_proxy)
-        for mode in modes:
-            print(f"  starting tpgate serve ({mode})", file=sys.stderr, flush=True)
-            gateway_target, gateway = start_gateway(procs, workdir, mode, time_scale)
+        if args.bare_router:
+            baseline["bare router"] = start_bare_router(
+                procs, workdir, start_engine(procs, workdir, f"engine-bare-{phase}", time_scale), phase)
+        for run, mode, env in runs:
+            print(f"  starting tpgate serve ({run}: {mode} {env or ''})", file=sys.stderr, flush=True)
+            gateway_target, gateway = start_gateway_retrying(procs, workdir, mode, time_scale, run=run, env=env)
             try:
-                exposure.setdefault(mode, listeners(gateway.pid))
-                targets = {"direct": direct, f"tpgate {mode}": gateway_target} | {
+                exposure.setdefault(run, listeners(gateway.pid))
+                targets = {"direct": direct, f"tpgate {run}": gateway_target} | {
                     k: v for k, v in baseline.items() if k != "direct"}
                 print(f"  measuring {', '.join(targets)}", file=sys.stderr, flush=True)
-                rows += measure_phase(phase, targets, mode, args)
+                rows += measure_phase(phase, targets, run, args)
+                print(markdown(rows), file=sys.stderr, flush=True)  # so far: a later failure loses nothing
             finally:
-                print(f"  stopping tpgate serve ({mode})", file=sys.stderr, flush=True)
+                print(f"  stopping tpgate serve ({run})", file=sys.stderr, flush=True)
                 procs.stop(gateway)
         procs.stop_all()
     return rows
+
+
+def gateway_runs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
+    """(run name, fast path, environment) of each `tpgate serve` to measure: the modes, or the named variants
+    (each on the HAProxy fast path)."""
+    if args.variant:
+        return [(name, "haproxy", VARIANTS[name]) for name in args.variant]
+    modes = ["standard", "haproxy"] if args.mode == "both" else [args.mode]
+    return [(mode, mode, {}) for mode in modes]
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -513,7 +594,8 @@ def markdown(rows: list[Row]) -> str:
         cpu = f"{row.cpu_us_per_request:.0f}" if loaded and row.cpu_us_per_request is not None else ""
         cpu_added = (f"{row.added_cpu_us_per_request:+.0f}"
                      if loaded and row.added_cpu_us_per_request is not None else "")
-        lines.append(f"| {row.run} | {row.target} | {row.mode} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {rate} | "
+        target = f"{row.target} ({row.failures} failed)" if row.failures else row.target
+        lines.append(f"| {row.run} | {target} | {row.mode} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {rate} | "
                      f"{_fmt(row.added_p50_ms, True)} | {_fmt(row.added_ttft_p50_ms, True)} | "
                      f"{_fmt(row.gap_mean_ms)} | {_fmt(row.added_gap_ms, True)} | {cpu} | {cpu_added} |")
     return "\n".join(lines)
@@ -563,6 +645,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=60, help="streamed requests per target (default: 60)")
     parser.add_argument("--stream-tokens", type=int, default=16, help="tokens per stream (default: 16)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default: 3)")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS),
+                        help="measure the HAProxy fast path with this variant's settings (repeatable; replaces "
+                        "--mode; see VARIANTS)")
+    parser.add_argument("--bare-router", action="store_true",
+                        help="also measure the router app under a bare uvicorn, outside Ray Serve "
+                        "(benchmarks/bare_router.py)")
     parser.add_argument("--no-lmdeploy", action="store_true", help="leave LMDeploy's proxy out")
     parser.add_argument("--listeners", action="store_true", help="also list each gateway's listening sockets")
     parser.add_argument("--json", type=Path, help="also write the rows, listeners and the machine here")

@@ -144,6 +144,12 @@ class TuningConfig(StrictModel):
     window_s: float = Field(default=20.0, gt=0, description="the measured window (wall seconds)")
     trial_timeout_s: float = Field(default=600.0, gt=0, description="deploy, ready, warm-up and window together")
     guided_trials: int = Field(default=3, ge=0, description="first trials taken from the performance model's ranking")
+    parallel_trials: int = Field(default=1, ge=1,
+                                 description="trials measured at once, packed into the study's GPU budget")
+    remeasure_runs: int = Field(default=1, ge=0, description="extra runs, each with another load seed, of a "
+                                "configuration before it can win; configurations rank by their worst run")
+    max_failure_probability: float = Field(default=0.5, gt=0, le=1, description="a configuration whose neighbours' "
+                                           "failures give it more than this probability of failing is not deployed")
     sim_time_scale: float = Field(default=10.0, gt=0, le=1000,
                                   description="tpgate tune's own gateway runs simulated engines this much faster")
     max_clock_lag_ratio: float = Field(default=0.15, ge=0, lt=1,
@@ -225,6 +231,11 @@ class RouterConfig(StrictModel):
                                        description="the whole request body must arrive within this, else 408")
     max_json_depth: int = Field(default=64, ge=4, le=512, description="nesting of a request body's JSON, else 400")
     retry_after_s: int = Field(default=1, ge=1)
+    metrics_targets_dir: str | None = Field(
+        default=None, description="each router replica serves its own /metrics on a free port of server.host and "
+        "writes a Prometheus file-SD target file (tpgate-router-<id>.json) here: scrape them all with file_sd_configs")
+    serve_access_log: bool = Field(default=False, description="Ray Serve's per-request access-log line in the "
+                                   "router replicas' logs (costs CPU on every request; tpgate's metrics count them)")
 
 
 class ApiKeyConfig(StrictModel):

@@ -40,7 +40,7 @@ from locust.exception import StopUser
 from loadtests import failures
 from loadtests.env import API_KEY_ENV, PROFILE_ENV, RECORDS_ENV
 from loadtests.profile import ClosedLoop, Profile, load_profile
-from loadtests.records import Phase, RecordWriter, RequestRecord, Sent
+from loadtests.records import ClientLoad, Phase, RecordWriter, RequestRecord, Sent
 from loadtests.stream import StreamTally, error_message, parse_response
 from loadtests.workload import RequestSpec, arrival_offsets_s, build_request, request_specs, think_times_s
 
@@ -132,15 +132,23 @@ class LoadRun:
         self.stop("max_requests" if self._sent >= profile.max_requests else "duration")
 
     def report_sent(self) -> None:
-        """Runs in its own greenlet: the count of requests sent, so progress can show those in flight."""
+        """Runs in its own greenlet: the count of requests sent, so progress can show those in flight, and the
+        client's own load (CPU, and how late this greenlet wakes), so the summary can flag a starved client."""
         written = None
+        cpu_s, woke_s = time.process_time(), time.monotonic()
         while True:
             if self._sent != written:
                 written = self._sent
                 if self._writer is not None:
                     self._writer.write(Sent(time.time(), written))
+            asked_s = time.monotonic()
             if self._stopped.wait(timeout=SENT_INTERVAL_S):
                 return
+            now_cpu_s, now_s = time.process_time(), time.monotonic()
+            if self._writer is not None and now_s > woke_s:
+                self._writer.write(ClientLoad(time.time(), cpu_ratio=(now_cpu_s - cpu_s) / (now_s - woke_s),
+                                              lag_s=max(0.0, now_s - asked_s - SENT_INTERVAL_S)))
+            cpu_s, woke_s = now_cpu_s, now_s
 
     def stop(self, reason: str, *, stop_runner: bool = True) -> None:
         """No more requests; requests in flight may finish (locust's --stop-timeout); then stop or quit."""

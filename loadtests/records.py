@@ -1,10 +1,12 @@
 """Per-request records: what the locustfile writes (JSON lines) and the summary reads, so percentiles are
 computed from every request rather than from locust's rounded buckets.
 
-Three kinds of line: ``{"type": "request", ...}`` for each finished request; ``{"type": "phase", ...}`` when
+Four kinds of line: ``{"type": "request", ...}`` for each finished request; ``{"type": "phase", ...}`` when
 the run moves from warm-up to the measured window (``measure``) and when it stops (``stop``, with the reason);
 ``{"type": "sent", ...}`` about twice a second while the count changes: how many requests were sent so far,
-so that a reader knows how many are in flight. Times are Unix epoch seconds (so they line up with Prometheus)
+so that a reader knows how many are in flight; ``{"type": "client", ...}`` about twice a second: how busy the
+load generator itself was (its CPU, and how late its scheduler woke), so a summary can tell when the client,
+not the target, was the bottleneck. Times are Unix epoch seconds (so they line up with Prometheus)
 and durations seconds.
 """
 
@@ -62,8 +64,19 @@ class Sent:
     requests: int
 
 
-Entry = RequestRecord | Phase | Sent
-_KINDS: dict[type, str] = {RequestRecord: "request", Phase: "phase", Sent: "sent"}
+@dataclass(frozen=True)
+class ClientLoad:
+    """The load generator's own load over the interval that ended at ``at_s``: its CPU time per wall second
+    (1.0: one core busy all the time; locust runs on one core) and how much later than asked its scheduler
+    woke a sleeping task (seconds; grows when the client has no CPU to spare, its own or the machine's)."""
+
+    at_s: float
+    cpu_ratio: float
+    lag_s: float
+
+
+Entry = RequestRecord | Phase | Sent | ClientLoad
+_KINDS: dict[type, str] = {RequestRecord: "request", Phase: "phase", Sent: "sent", ClientLoad: "client"}
 
 
 def to_line(entry: Entry) -> str:
@@ -81,6 +94,8 @@ def from_line(line: str) -> Entry:
         return Phase(**data)
     if kind == "sent":
         return Sent(**data)
+    if kind == "client":
+        return ClientLoad(**data)
     raise ValueError(f"unknown record type {kind!r}")
 
 

@@ -12,6 +12,10 @@ metrics for the same window count the same requests:
   and their output tokens per second of it.
 - Latency percentiles are over the window's successful requests, linearly interpolated between ranks (numpy's
   default): TTFT (time to first token), TPOT (time per output token after the first), e2e (whole request).
+- ``client_cpu_p50_ratio``, ``client_lag_p50_s``: the load generator's own CPU (share of one core) and how late
+  its scheduler woke, medians over the window's samples; ``client_bottleneck`` when either says the client was
+  short of CPU (:data:`CLIENT_CPU_BUSY_RATIO`, :data:`CLIENT_LAG_LIMIT_S`): its latencies then include its own
+  delays, and a target's metrics will show less.
 - ``failure_causes`` counts the window's failures by cause (``connection refused``, ``timeout``, ``HTTP 503``,
   ... — see :mod:`loadtests.failures`); ``errors`` keeps the most frequent messages.
 """
@@ -25,9 +29,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loadtests.failures import BAD_RESPONSE, CONNECTION_ERROR, http_cause
-from loadtests.records import Entry, Phase, RequestRecord, Sent
+from loadtests.records import ClientLoad, Entry, Phase, RequestRecord, Sent
 
 MAX_ERROR_KINDS = 5
+# The client was the bottleneck when, over the window, its median CPU was this share of its one core (locust
+# warns from 90 %) or its scheduler woke this late in the median (it then reads responses late too).
+CLIENT_CPU_BUSY_RATIO = 0.9
+CLIENT_LAG_LIMIT_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,9 @@ class Summary:
     e2e_p50_s: float | None
     e2e_p99_s: float | None
     stopped_by: str | None = None  # "duration", "max_requests", "stopped"; None if the run did not say
+    client_cpu_p50_ratio: float | None = None  # the load generator's CPU, share of one core (None: not sampled)
+    client_lag_p50_s: float | None = None  # how late its scheduler woke
+    client_bottleneck: bool = False  # the client was short of CPU: its latencies include its own delays
     errors: dict[str, int] = field(default_factory=dict)  # the most frequent failure messages, with counts
     failure_causes: dict[str, int] = field(default_factory=dict)  # every failure by cause, most frequent first
 
@@ -82,11 +93,14 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
     """
     requests: list[RequestRecord] = []
     phases: dict[str, Phase] = {}
+    loads: list[ClientLoad] = []
     for entry in entries:
         if isinstance(entry, RequestRecord):
             requests.append(entry)
         elif isinstance(entry, Phase):
             phases.setdefault(entry.phase, entry)
+        elif isinstance(entry, ClientLoad):
+            loads.append(entry)
     start_s = phases["measure"].at_s if "measure" in phases else min((r.start_s for r in requests), default=0.0)
     end_s = phases["stop"].at_s if "stop" in phases else max((r.end_s for r in requests), default=start_s)
     measured = [r for r in requests if start_s <= r.end_s <= end_s]
@@ -100,6 +114,9 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
     errors = Counter(r.error or cause_of(r) for r in failed)
     causes = Counter(cause_of(r) for r in failed)
     stop = phases.get("stop")
+    window_loads = [load for load in loads if start_s <= load.at_s <= end_s]
+    cpu_p50 = percentile([load.cpu_ratio for load in window_loads], 50)
+    lag_p50_s = percentile([load.lag_s for load in window_loads], 50)
     return Summary(
         profile=profile,
         host=host,
@@ -122,9 +139,18 @@ def summarize(entries: Iterable[Entry], *, profile: str = "", host: str = "") ->
         e2e_p50_s=percentile(e2es, 50),
         e2e_p99_s=percentile(e2es, 99),
         stopped_by=stop.reason if stop else None,
+        client_cpu_p50_ratio=cpu_p50,
+        client_lag_p50_s=lag_p50_s,
+        client_bottleneck=client_bottleneck(cpu_p50, lag_p50_s),
         errors=dict(errors.most_common(MAX_ERROR_KINDS)),
         failure_causes=dict(causes.most_common()),
     )
+
+
+def client_bottleneck(cpu_p50_ratio: float | None, lag_p50_s: float | None) -> bool:
+    """Whether the client's own samples say it was short of CPU (False without samples)."""
+    return ((cpu_p50_ratio is not None and cpu_p50_ratio >= CLIENT_CPU_BUSY_RATIO)
+            or (lag_p50_s is not None and lag_p50_s >= CLIENT_LAG_LIMIT_S))
 
 
 def cause_of(record: RequestRecord) -> str:
@@ -156,6 +182,11 @@ def format_table(summary: Summary) -> str:
         ("TPOT p50 / p99", " / ".join(ms(v) for v in (s.tpot_p50_s, s.tpot_p99_s))),
         ("e2e p50 / p99", " / ".join(ms(v) for v in (s.e2e_p50_s, s.e2e_p99_s))),
     ]
+    if s.client_cpu_p50_ratio is not None and s.client_lag_p50_s is not None:
+        verdict = ("the CLIENT WAS THE BOTTLENECK: its latencies include its own delays, the target's metrics "
+                   "show less" if s.client_bottleneck else "not a bottleneck")
+        rows.append(("client (load generator)", f"CPU {s.client_cpu_p50_ratio:.0%} of a core, scheduler "
+                     f"{s.client_lag_p50_s * 1000:,.1f} ms late (medians): {verdict}"))
     if summary.failure_causes:
         causes = ", ".join(f"{cause} x{count:,}" for cause, count in s.failure_causes.items())
         rows.append(("failures by cause", causes))

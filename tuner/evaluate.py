@@ -54,6 +54,10 @@ class TrialContext:
     predicted: Mapping[str, Any] = field(default_factory=dict)  # engine clock, see tuner.prior
     planner: Mapping[str, float] = field(default_factory=dict)  # weights and KV cache per GPU
     guided: bool = False
+    run: int = 0  # 0: the configuration's first run; n: its n-th re-measurement
+    remeasure_of: int | None = None  # a re-measurement: the trial of the first run
+    parallel_round: int | None = None
+    failure_probability: float | None = None  # the feasibility model's estimate (None: no failure seen yet)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ class TrialJudge:
     def rejected(self, context: TrialContext, reason: str) -> TrialRecord:
         """The planner refused the candidate: never deployed, told as infeasible."""
         return self._not_run(context, "rejected", reason)
+
+    def avoided(self, context: TrialContext, reason: str, probability: float) -> TrialRecord:
+        """The feasibility model expects the candidate to fail: never deployed, told as infeasible with the
+        predicted probability as its ``deployed`` constraint (a failure that really happened tells 1)."""
+        record = self._not_run(context, "avoided", reason)
+        return dataclasses.replace(record, constraints=(probability, *record.constraints[1:]))
 
     def judge(self, context: TrialContext, measurement: Measurement) -> TrialRecord:
         """The record of a trial that ran (or tried to)."""
@@ -103,7 +113,8 @@ class TrialJudge:
         """A candidate measured before: the earlier trial's result told again, without deploying."""
         return dataclasses.replace(earlier, number=context.number, guided=context.guided,
                                    reused_from=earlier.reused_from if earlier.reused_from is not None
-                                   else earlier.number)
+                                   else earlier.number, parallel_round=context.parallel_round,
+                                   failure_probability=context.failure_probability)
 
     def _not_run(self, context: TrialContext, outcome: str, reason: str) -> TrialRecord:
         return self._record(
@@ -115,7 +126,9 @@ class TrialJudge:
     def _record(self, context: TrialContext, outcome: str, reason: str | None, **fields: Any) -> TrialRecord:
         return TrialRecord(number=context.number, candidate=context.candidate, outcome=outcome,  # type: ignore[arg-type]
                            reason=reason, predicted=context.predicted, planner=context.planner,
-                           guided=context.guided, **fields)
+                           guided=context.guided, run=context.run, remeasure_of=context.remeasure_of,
+                           parallel_round=context.parallel_round, failure_probability=context.failure_probability,
+                           **fields)
 
 
 def told_values(record: TrialRecord) -> Sequence[float] | None:

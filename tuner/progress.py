@@ -7,6 +7,7 @@ from typing import Any
 
 from tuner.objectives import ObjectiveSpec
 from tuner.records import TrialRecord
+from tuner.space import Candidate
 
 BAR_WIDTH = 24
 
@@ -20,12 +21,19 @@ def format_value(spec: ObjectiveSpec, value: float | None) -> str:
 
 
 def trial_line(
-    record: TrialRecord, specs: Sequence[ObjectiveSpec], *, position: str, best: TrialRecord | None
+    record: TrialRecord, specs: Sequence[ObjectiveSpec], *, position: str, best: TrialRecord | None,
+    best_note: str = "",
 ) -> str:
     """``#4 [3/6] tp2x2 mbs256 kv0.8 q0 pf8192 feasible  e2e p99 2.31 s (predicted 2.05 s)  TTFT p99 210 ms
-    <= 500 ms ok ...  best #1 2.10 s``; ``position`` is the count of measured trials (``3/6``) or ``free``."""
+    <= 500 ms ok ...  best #1 2.10 s``; ``position`` is the count of measured trials (``3/6``) or ``not
+    deployed``; ``best_note`` qualifies the best (``worst of 2 runs``)."""
     tags = " guided" if record.guided else ""
     tags += f" repeat of #{record.reused_from}" if record.reused_from is not None else ""
+    if record.remeasure_of is not None and record.reused_from is None:
+        tags += f" re-measure {record.run} of #{record.remeasure_of}, load seed +{record.run}"
+    if record.parallel_round is not None and record.reused_from is None and record.outcome not in ("rejected",
+                                                                                                  "avoided"):
+        tags += f" round {record.parallel_round}"
     parts = [f"#{record.number} [{position}{tags}] {record.candidate.label()} {record.outcome}"]
     measured: Mapping[str, Any] = record.measured.as_dict() if record.measured is not None else {}
     for spec in specs:
@@ -46,10 +54,19 @@ def trial_line(
         parts.append(f"clock {record.clock.effective_scale:.3g}x of {record.clock.nominal_scale:g}x")
     if best is not None and best.measured is not None:
         values = best.measured.as_dict()
-        parts.append(f"best #{best.number} " + ", ".join(format_value(s, values.get(s.figure)) for s in specs))
+        note = f" ({best_note})" if best_note else ""
+        parts.append(f"best #{best.number} " + ", ".join(format_value(s, values.get(s.figure)) for s in specs)
+                     + note)
     else:
         parts.append("no feasible configuration yet")
     return "  ".join(parts)
+
+
+def round_line(number: int, candidates: Sequence[Candidate], trials: Sequence[int], *, gpus: int) -> str:
+    """``round 3: 2 trials at once on 6 of 8 GPUs: #5 tp2x1 ..., #6 tp4x1 ...``."""
+    used = sum(c.gpus for c in candidates)
+    listed = ", ".join(f"#{n} {c.label()}" for n, c in zip(trials, candidates, strict=True))
+    return f"round {number}: {len(candidates)} trials at once on {used} of {gpus} GPUs: {listed}"
 
 
 def progress_bar(done: int, total: int, *, elapsed_s: float, timeout_s: float | None) -> str:

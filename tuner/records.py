@@ -11,7 +11,12 @@ Outcomes:
 - ``failed``: deployed but could not be measured (cannot be placed, engine crashed, not ready in time, load
   failed); told to the sampler as infeasible, like ``rejected``;
 - ``invalid``: measured, but the measurement cannot be trusted (a simulated clock lagging beyond tolerance);
-  told to Optuna as FAIL, so the sampler ignores it.
+  told to Optuna as FAIL, so the sampler ignores it;
+- ``avoided``: never deployed, because configurations near it failed (the feasibility model of
+  :mod:`tuner.feasibility` gives it too high a probability of failing); told as infeasible with that probability.
+
+A configuration can be measured more than once (:mod:`tuner.standings`): ``run`` counts its runs (0 first, each
+with another load seed) and ``remeasure_of`` names the trial of its first run.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from tuner.timescale import ClockCheck
 from tuner.window import WindowFigures
 
 RECORD_ATTR = "tpgate_record"
-Outcome = Literal["feasible", "infeasible", "rejected", "failed", "invalid"]
-OUTCOMES: tuple[Outcome, ...] = ("feasible", "infeasible", "rejected", "failed", "invalid")
+Outcome = Literal["feasible", "infeasible", "rejected", "failed", "invalid", "avoided"]
+OUTCOMES: tuple[Outcome, ...] = ("feasible", "infeasible", "rejected", "failed", "invalid", "avoided")
 MEASURED_OUTCOMES = ("feasible", "infeasible")
 
 
@@ -53,6 +58,10 @@ class TrialRecord:
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds, and the window's Unix start/end
     guided: bool = False  # one of the performance model's first picks
     reused_from: int | None = None  # a repeated configuration: the trial whose measurement was told again
+    run: int = 0  # which run of the configuration (0: its first; n: the n-th re-measurement, load seed + n)
+    remeasure_of: int | None = None  # a re-measurement: the trial of the configuration's first run
+    parallel_round: int | None = None  # the round of trials measured at once it ran in (tuning.parallel_trials)
+    failure_probability: float | None = None  # the feasibility model's estimate when the trial was asked
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -85,6 +94,10 @@ class TrialRecord:
             "timings": dict(self.timings),
             "guided": self.guided,
             "reused_from": self.reused_from,
+            "run": self.run,
+            "remeasure_of": self.remeasure_of,
+            "parallel_round": self.parallel_round,
+            "failure_probability": self.failure_probability,
         }
         return {RECORD_ATTR: json_safe(record)}
 
@@ -111,12 +124,17 @@ class TrialRecord:
             timings=dict(data.get("timings") or {}),
             guided=bool(data.get("guided", False)),
             reused_from=data.get("reused_from"),
+            run=int(data.get("run") or 0),
+            remeasure_of=data.get("remeasure_of"),
+            parallel_round=data.get("parallel_round"),
+            failure_probability=data.get("failure_probability"),
         )
 
 
 def best_records(records: Sequence[TrialRecord], specs: Sequence[ObjectiveSpec]) -> list[TrialRecord]:
-    """The winners among feasible measured trials: the best one for one objective (the earliest of equals),
-    the Pareto front for several. Repeats of a configuration are not counted twice."""
+    """The best single trials among feasible measured ones: the best one for one objective (the earliest of
+    equals), the Pareto front for several. Repeats of a configuration are not counted twice. A study's winners
+    rank configurations by their worst run instead (:func:`tuner.standings.best_of`)."""
     feasible = [r for r in records if r.outcome == "feasible" and r.reused_from is None and r.objectives]
     if not feasible:
         return []

@@ -81,7 +81,8 @@ class SyntheticRunner:
         self._rng = random.Random(seed)
         self.deployments = 0
 
-    async def run(self, candidate: Candidate, *, number: int) -> Measurement:
+    async def run(self, candidate: Candidate, *, number: int, run: int = 0) -> Measurement:
+        """``run`` draws nothing different: every measurement has its own noise already."""
         self.deployments += 1
         truth = true_figures(self._space, candidate, self._workload, self._deviation)
         noisy = {k: v * math.exp(self._rng.gauss(0, self._deviation.noise)) for k, v in truth.items()}

@@ -4,6 +4,10 @@ The page shows the trial history, the Pareto front (several objectives) or the o
 (one), predicted against measured, each SLO's pass/fail per trial, and a table per measured configuration:
 throughput, goodput, TTFT/TPOT/e2e percentiles, error rate, GPUs, and the planner's weights and KV-cache memory
 per GPU. Figures are in the engines' clock, as recorded.
+
+The summary also shows the study's rigour: configurations measured again with other load seeds (each run,
+and the worst that ranks them: the winner is the best worst run), the rounds of trials measured at once, and
+the configurations not deployed because the feasibility model expected them to fail like their neighbours.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.errors import UserError
 from tuner.objectives import ObjectiveSpec, objective_specs
 from tuner.progress import format_value
-from tuner.records import RECORD_ATTR, TrialRecord, best_records
+from tuner.records import RECORD_ATTR, TrialRecord
+from tuner.standings import best_of, standings
 from tuner.study import STUDY_ATTR
 
 GIB = 1024**3
 OUTCOME_COLOURS = {"feasible": "#2ca02c", "infeasible": "#ff7f0e", "rejected": "#7f7f7f", "failed": "#d62728",
-                   "invalid": "#9467bd"}
+                   "invalid": "#9467bd", "avoided": "#bcbd22"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,43 @@ class StudyReport:
         """Trials that deployed and measured something, without repeats."""
         return [r for r in self.records if r.measured is not None and r.reused_from is None]
 
+    @property
+    def runs_required(self) -> int:
+        """Runs a configuration needed to win: the most any configuration had (1 + re-measurements)."""
+        return 1 + max((r.run for r in self.records if r.reused_from is None), default=0)
+
     def best(self) -> list[TrialRecord]:
-        return best_records(self.records, self.specs)
+        """The winners' representative (worst) runs: configurations rank by their worst run."""
+        return best_of(self.records, self.specs, runs_required=self.runs_required)
+
+    def remeasured(self) -> list[str]:
+        """``tp2x2 ...: 3.10 s, 3.32 s (worst 3.32 s)`` per configuration measured more than once."""
+        spec = self.specs[0]
+        lines = []
+        for standing in standings(self.records):
+            if len(standing.runs) < 2:
+                continue
+            values = ", ".join(format_value(spec, _measured(r, spec)) if r.outcome != "failed" else "failed"
+                               for r in standing.runs)
+            worst = (format_value(spec, standing.worst(self.specs)[0]) if standing.feasible
+                     else "breaks an SLO or failed")
+            lines.append(f"{standing.candidate.label()}: {values} (worst {worst})")
+        return lines
+
+    def rounds(self) -> str:
+        """``4 rounds for 6 trials, up to 2 at once`` (trials measured one at a time: ``one at a time``)."""
+        by_round: dict[int, int] = {}
+        for r in self.records:
+            if r.parallel_round is not None and r.reused_from is None and r.outcome not in ("rejected", "avoided"):
+                by_round[r.parallel_round] = by_round.get(r.parallel_round, 0) + 1
+        if not by_round or max(by_round.values()) == 1:
+            return "one at a time"
+        return (f"{len(by_round)} rounds for {sum(by_round.values())} trials, up to {max(by_round.values())} "
+                "at once")
+
+    def avoided(self) -> list[str]:
+        """``#7 tp8x1 ...: predicted to fail (p 0.67: near failed trials #4, #6)`` per avoided configuration."""
+        return [f"#{r.number} {r.candidate.label()}: {r.reason}" for r in self.records if r.outcome == "avoided"]
 
 
 def load_report(storage: str, study_name: str | None = None) -> StudyReport:
@@ -106,6 +146,8 @@ def summary_html(report: StudyReport) -> str:
     slo = ", ".join(f"{k} {v}" for k, v in (identity.get("slo") or {}).items() if v is not None) or "none"
     best = report.best()
     winner = "; ".join(f"#{r.number} {r.candidate.label()}" for r in best) or "none met every SLO yet"
+    if best and report.runs_required > 1:
+        winner += f" (ranked by the worst of {report.runs_required} runs, each with another load seed)"
     counts: dict[str, int] = {}
     for r in report.records:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -119,6 +161,9 @@ def summary_html(report: StudyReport) -> str:
         ("trials", ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "none"),
         ("measured by", ", ".join(sources) or "-"),
         ("winner", winner),
+        ("measured again", "; ".join(report.remeasured()) or "no configuration"),
+        ("trials at once", report.rounds()),
+        ("not deployed, predicted to fail", "; ".join(report.avoided()) or "none"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td class='text'>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
@@ -217,7 +262,7 @@ def slo_figure(report: StudyReport) -> go.Figure:
 
 def table_html(report: StudyReport) -> str:
     """One row per measured configuration."""
-    header = ["trial", "configuration", "outcome", "GPUs", "req/s", "output tok/s", "goodput req/s",
+    header = ["trial", "configuration", "outcome", "run", "round", "GPUs", "req/s", "output tok/s", "goodput req/s",
               "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "e2e p50", "e2e p99", "errors",
               "weights/GPU", "KV cache/GPU", "clock", "source"]
     seconds = ObjectiveSpec("", "", "minimize", "", "s")
@@ -230,7 +275,9 @@ def table_html(report: StudyReport) -> str:
 
         clock = "-" if r.clock is None else f"{r.clock.effective_scale:.3g}x"
         cells = [
-            f"#{r.number}", r.candidate.label(), r.outcome, str(r.candidate.gpus),
+            f"#{r.number}", r.candidate.label(), r.outcome,
+            "first" if r.remeasure_of is None else f"{r.run + 1} of #{r.remeasure_of}",
+            "-" if r.parallel_round is None else str(r.parallel_round), str(r.candidate.gpus),
             rate("requests_per_s"), rate("output_tokens_per_s"), rate("goodput_requests_per_s"),
             *(format_value(seconds, m.get(k)) for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
                                                          "e2e_p50_s", "e2e_p99_s")),
@@ -239,7 +286,7 @@ def table_html(report: StudyReport) -> str:
             clock, r.source or "-",
         ]
         rows.append("<tr>" + "".join(
-            f"<td class='text'>{html.escape(c)}</td>" if i in (1, 2, 17) else f"<td>{html.escape(c)}</td>"
+            f"<td class='text'>{html.escape(c)}</td>" if i in (1, 2, 3, 19) else f"<td>{html.escape(c)}</td>"
             for i, c in enumerate(cells)) + "</tr>")
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     return f"<table>{head}{''.join(rows)}</table>" if rows else "<p>No configuration was measured yet.</p>"

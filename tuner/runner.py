@@ -127,8 +127,10 @@ class TrialRunner:
         self.warmup_s, self.window_s, self.timeout_s = tuning.warmup_s, tuning.window_s, tuning.trial_timeout_s
         self.max_clock_lag_ratio = tuning.max_clock_lag_ratio
 
-    async def run(self, candidate: Candidate, *, number: int) -> Measurement:
-        """Deploy, measure and clean up one candidate (see the module's docstring)."""
+    async def run(self, candidate: Candidate, *, number: int, run: int = 0) -> Measurement:
+        """Deploy, measure and clean up one candidate (see the module's docstring). ``run`` > 0 re-measures it
+        with another load sequence: the profile's seed plus ``run`` (other prompt lengths, think times and
+        arrival order)."""
         pool_id, route = trial_pool_id(self._study_name, candidate), trial_route(self._study_name, number)
         started = time.monotonic()
         timings: dict[str, float] = {}
@@ -147,7 +149,7 @@ class TrialRunner:
                 gateway_url = (await self._control.status()).gateway_url
                 await self._source.watch(gateway_url, {pool_id: pool.endpoints})
                 stage = "measuring"
-                measurement = await self._measure(pool, route, gateway_url, timings)
+                measurement = await self._measure(pool, route, gateway_url, timings, run=run)
         except _Refused as exc:
             measurement = self._failed(pool_id, route, f"the gateway refused the pool: {exc}", timings)
         except TimeoutError:
@@ -212,9 +214,9 @@ class TrialRunner:
         return Measurement(pool_id, route, self._source.name, invalid=problem, timings=dict(timings))
 
     async def _measure(
-        self, pool: PoolState, route: str, gateway_url: str, timings: dict[str, float]
+        self, pool: PoolState, route: str, gateway_url: str, timings: dict[str, float], *, run: int
     ) -> Measurement:
-        profile = wall_profile(self.profile, pool.time_scale, warmup_s=self.warmup_s,
+        profile = wall_profile(run_profile(self.profile, run), pool.time_scale, warmup_s=self.warmup_s,
                                duration_s=self.window_s + self._tail_s, route=route)
         progress = _LoadProgress()
         with tempfile.TemporaryDirectory(prefix="tpgate-trial-") as scratch:
@@ -286,6 +288,14 @@ class TrialRunner:
             await self._control.remove_pool(pool_id)
         if pool_id in self._kept:
             self._kept.remove(pool_id)
+
+
+def run_profile(profile: Profile, run: int) -> Profile:
+    """The load profile of a configuration's ``run``-th measurement: the same profile with its seed moved by
+    ``run``, so each run draws other lengths, think times and prompts (run 0 is the profile itself)."""
+    if run < 0:
+        raise ValueError(f"run must not be negative, not {run}")
+    return profile if run == 0 else profile.model_copy(update={"seed": profile.seed + run})
 
 
 def _same_spec(pool: PoolState, spec: PoolSpec) -> bool:

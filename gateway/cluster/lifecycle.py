@@ -105,7 +105,8 @@ def running_gateway(
                 if tuning_service:
                     tuning = builders.create_tuning_service(config)
                 builders.deploy_router(config, builders.router_settings(
-                    config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)))
+                    config, api_key_classes=dict(api_key_classes), admin_digest=secret_digest(admin_token)),
+                    environ=os.environ)
                 yield RunningGateway(client, controller, token_path, admin_token,
                                      f"http://{config.server.host}:{config.server.port}", runtime)
             except KeyboardInterrupt:

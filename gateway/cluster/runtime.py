@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.cluster import haproxy_guard
+from gateway.cluster import haproxy_guard, serve_env
 from gateway.cluster.ports import check_ports_free
 from gateway.cluster.ray_logs import driver_log_path, ray_logs_to
 from gateway.config import TpgateConfig
@@ -105,7 +105,8 @@ def ray_cluster(config: TpgateConfig) -> Iterator[RayRuntime]:
         if config.server.fast_path == "haproxy":
             # Ray's processes inherit these; the guard keeps HAProxy on loopback (gateway/cluster/haproxy_guard.py)
             haproxy_dir, haproxy_env = haproxy_guard.prepare(
-                front_host=config.server.host, front_port=config.server.port, environ=os.environ)
+                front_host=config.server.host, front_port=config.server.port, environ=os.environ,
+                front_rules=serve_env.front_rules(os.environ))
             cleanup.callback(shutil.rmtree, haproxy_dir, ignore_errors=True)
             os.environ.update(haproxy_env)
         kwargs: dict[str, Any] = {"namespace": "tpgate", "include_dashboard": False,

@@ -5,9 +5,10 @@ A study runs the tuner's study engine (:func:`tuner.tune`, imported only when a 
 gateway: its trials are pools on trial routes, on the GPUs the production pools leave free, up to
 ``tuning.max_gpus`` and less what other running studies hold. Trial traffic carries the admin token and names its
 trial route; production routes never name a trial pool. Where no GPU is left, or the class is being tuned
-already, the study is refused with the numbers (:class:`StudyConflict`). A request may bring its own load
-profile (a drift re-tune's live profile, written next to the state file) and configurations to measure first
-(the class's current one).
+already, the study is refused with the numbers (:class:`StudyConflict`). A study tunes with the class's
+configured load profile, or with one it brings (``profile``: for example the traffic the class sees now), which
+is validated as ``tpgate load`` validates one and kept next to the state file; and configurations to measure
+first (``first``: a drift re-tune measures the class's current one under the same load).
 
 Every study has a reference in the controller's store (the ``studies`` record section: class, Optuna study and
 storage, state, best so far, the promotion it led to), kept up to date as trials finish; a service that starts
@@ -81,8 +82,9 @@ class StudyRequest(BaseModel):
     guided_trials: int | None = Field(default=None, ge=0)
     knobs: dict[str, list[Any]] | None = Field(default=None, description="tuning.knobs values to try, by knob")
     profile: dict[str, Any] | None = Field(
-        default=None, description="a load profile (its fields, as in a profile YAML) the trials put on the class "
-                                  "instead of its configured one: a re-tune's live profile")
+        default=None, description="the load to tune with instead of the class's configured profile (the fields of "
+                                  "a `tpgate load` profile, in the engine's clock): for example the class's traffic "
+                                  "as observed")
     first: list[dict[str, Any]] | None = Field(
         default=None, description="configurations (tp, replicas, knobs) measured before the model's picks: a "
                                   "re-tune measures the class's current configuration under the same load")
@@ -178,7 +180,8 @@ class TuningService:
         class_name = wanted.class_name
         if class_name not in self._config.classes:
             raise StudyRejected(f"unknown class {class_name!r} (classes: {', '.join(self._config.classes)})")
-        if self._config.classes[class_name].profile is None and wanted.profile is None:
+        profile_yaml = None if wanted.profile is None else _profile_yaml(wanted.profile)
+        if profile_yaml is None and self._config.classes[class_name].profile is None:
             raise StudyRejected(f"class {class_name!r} has no load profile to tune with (classes.{class_name}.profile)")
         async with self._lock:
             await self._load()
@@ -196,9 +199,14 @@ class TuningService:
                 raise StudyConflict(f"no GPU free for a study of class {class_name!r}: {counted}")
             config = self._config.model_copy(update={"tuning": tuning.model_copy(update={"max_gpus": gpus})})
             study_id = f"{class_name}-{uuid.uuid4().hex[:6]}"
-            if wanted.profile is not None:
-                path = Path(self._config.state_file).expanduser().resolve().with_name(f"profile-{study_id}.yaml")
-                config = await asyncio.to_thread(_with_profile, config, class_name, wanted.profile, path)
+            profile_path = None
+            if profile_yaml is not None:  # the study's own profile, kept next to the state file
+                profile_path = Path(self._config.state_file).expanduser().resolve().with_name(
+                    f"study-{study_id}-profile.yaml")
+                await asyncio.to_thread(_write_text, profile_path, profile_yaml)
+                classes = dict(config.classes)
+                classes[class_name] = classes[class_name].model_copy(update={"profile": str(profile_path)})
+                config = config.model_copy(update={"classes": classes})
             try:
                 from tuner import build_space
 
@@ -210,7 +218,7 @@ class TuningService:
                 "id": study_id, "class": class_name, "study_name": f"online-{study_id}", "storage": self.storage,
                 "state": "running", "trials": wanted.trials, "gpus": space.gpus, "tp_sizes": list(space.tp_sizes),
                 "started_unix_s": self._wall_clock(), "ended_unix_s": None, "reason": None, "measured_trials": 0,
-                "best": None, "promotion": None,
+                "best": None, "promotion": None, "profile": None if profile_path is None else str(profile_path),
             }
             study = _Study(reference)
             self._studies[study_id] = study
@@ -394,23 +402,25 @@ def _describe_record(record: Any) -> dict[str, Any]:
             "guided": record.guided}
 
 
-def _with_profile(config: TpgateConfig, class_name: str, profile: Mapping[str, Any], path: Path) -> TpgateConfig:
-    """``config`` with the class's load profile written to ``path`` and named; StudyRejected when it is not a
-    valid load profile (blocking: run in a thread)."""
+def _profile_yaml(fields: Mapping[str, Any]) -> str:
+    """A study's own load profile as YAML, validated as ``tpgate load`` validates one; StudyRejected naming the
+    bad field."""
     import yaml
 
-    from loadtests.errors import LoadTestInputError
-    from loadtests.profile import load_profile
+    from loadtests import LoadTestInputError
+    from loadtests.profile import validate_profile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dict(profile), sort_keys=False))
+    data = {"name": "study", **fields}
     try:
-        load_profile(str(path))
+        validate_profile(data, source="profile")
     except LoadTestInputError as exc:
-        raise StudyRejected(f"profile: {exc}") from None
-    classes = dict(config.classes)
-    classes[class_name] = classes[class_name].model_copy(update={"profile": str(path)})
-    return config.model_copy(update={"classes": classes})
+        raise StudyRejected(str(exc)) from None
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _prepare_storage(url: str) -> None:

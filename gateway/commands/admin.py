@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gateway.commands.load import parse_duration_s
 from gateway.config import load_config
 from gateway.errors import UserError
@@ -53,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--warmup", type=lambda text: parse_duration_s(text, flag="--warmup"), metavar="DURATION")
     tune.add_argument("--window", type=lambda text: parse_duration_s(text, flag="--window"), metavar="DURATION")
     tune.add_argument("--seed", type=int)
+    tune.add_argument("--profile", metavar="FILE",
+                      help="tune with this load profile (YAML, as for tpgate load) instead of the class's own")
     tune.add_argument("--wait", action="store_true", help="follow the study until it ends")
     study = verbs.add_parser("study", help="a study's progress, trials and best so far")
     study.add_argument("study_id", metavar="STUDY")
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                      lambda r: f"class {r['route']}: {_describe(r['weights'])} (state v{r['version']})")
     if verb == "tune":
         body = {"class": args.class_name, "trials": args.trials, "timeout_s": args.timeout, "max_gpus": args.max_gpus,
-                "warmup_s": args.warmup, "window_s": args.window, "seed": args.seed}
+                "warmup_s": args.warmup, "window_s": args.window, "seed": args.seed,
+                "profile": None if args.profile is None else _profile_fields(args.profile)}
         started = api.call("POST", "/admin/tuning", {k: v for k, v in body.items() if v is not None})
         _show(args, started, lambda s: f"study {s['id']}: class {s['class']} on up to {s['gpus']} GPUs, "
                                        f"{s['trials']} trials")
@@ -181,6 +186,17 @@ def _reason(body: bytes) -> str:
 def _show(args: argparse.Namespace, answer: Any, text: Any) -> int:
     print(json.dumps(answer, indent=2) if args.json else text(answer), flush=True)
     return 0
+
+
+def _profile_fields(path: str) -> dict[str, Any]:
+    """A load profile file's fields (the gateway validates them)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"--profile {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--profile {path}: not a YAML mapping of profile fields")
+    return data
 
 
 def _knobs(items: list[str]) -> dict[str, Any]:

@@ -209,7 +209,7 @@ class PromotionDriver:
                                                   time_scale=scale)
         policy = p.policy
         if baseline is not None and baseline.requests < policy.min_requests:
-            baseline = _last_baseline(p)
+            baseline = reference_baseline(p)
         limits = Limits(min_requests=policy.min_requests, max_5xx=policy.max_5xx,
                         error_rate_max=policy.error_rate_max, max_latency_ratio=policy.max_latency_ratio,
                         ttft_p99_s=policy.ttft_p99_s, tpot_p99_s=policy.tpot_p99_s)
@@ -258,11 +258,17 @@ class PromotionDriver:
         await self._host.save_records(RECORD_SECTION, {p.id: promotion_to_dict(p) for p in self.all()})
 
 
-def _last_baseline(p: Promotion) -> PoolWindow | None:
-    """The old pools' window of the latest check that had one (once the candidate has all the traffic)."""
-    for source in (p.last_verdict, *(r.figures for r in reversed(p.history))):
-        if source and source.get("baseline"):
-            return PoolWindow.from_dict(source["baseline"])
+def reference_baseline(p: Promotion) -> PoolWindow | None:
+    """The old pools' window to judge a step by when they served too few requests in its own (once the candidate
+    has all the traffic): the one from the passed check where they carried the largest share of the class, the
+    nearest to how they served before the promotion. The last check's window, at an even split, would judge the
+    candidate at the full load against the old pools at part of it."""
+    judged = [(record.weight, record.figures["baseline"]) for record in p.history
+              if record.verdict == "pass" and record.figures.get("baseline")]
+    if judged:
+        return PoolWindow.from_dict(min(judged, key=lambda item: item[0])[1])
+    if p.last_verdict and p.last_verdict.get("baseline"):
+        return PoolWindow.from_dict(p.last_verdict["baseline"])
     return None
 
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                      7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+FRONT_WAIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                        0.3, 0.5, 1.0)
 # Token counts per request: powers of the square root of two, so a quantile read from a bucket is off by at most
@@ -38,6 +39,7 @@ class RouteSeries:
         self.output_tokens = metrics.output_tokens.labels(route, pool)
         self.prompt_tokens = metrics.prompt_tokens.labels(route, pool)
         self.queue_wait = metrics.queue_wait.labels(route, pool)
+        self.front_wait = metrics.front_wait.labels(route, pool)
         self.slo_met = metrics.slo_met.labels(route, pool)
 
     def statuses(self) -> list[str]:
@@ -79,10 +81,12 @@ class GatewayMetrics:
             "tpgate_requests", "Requests finished, by class, pool and HTTP status", ["class", "pool", "status"],
             registry=r)
         self.request_duration = Histogram(
-            "tpgate_request_duration_seconds", "End-to-end latency seen by the gateway", ["class", "pool"],
+            "tpgate_request_duration_seconds",
+            "End-to-end latency seen by the gateway, from the front door on the HAProxy fast path", ["class", "pool"],
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.time_to_first_token = Histogram(
-            "tpgate_time_to_first_token_seconds", "Time from request to the first streamed token", ["class", "pool"],
+            "tpgate_time_to_first_token_seconds",
+            "Time from request (the front door on the fast path) to the first streamed token", ["class", "pool"],
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.time_per_output_token = Histogram(
             "tpgate_time_per_output_token_seconds", "Mean gap between output tokens of a streamed request",
@@ -100,6 +104,11 @@ class GatewayMetrics:
         self.queue_wait = Histogram(
             "tpgate_queue_wait_seconds", "Time spent waiting for a pool's concurrency slot", ["class", "pool"],
             buckets=LATENCY_BUCKETS_S, registry=r)
+        self.front_wait = Histogram(
+            "tpgate_front_wait_seconds", "Time from the front door (HAProxy) receiving a request to the router "
+            "starting on it: HAProxy's queue, Serve's replica HTTP stack, a busy router (already inside the "
+            "request duration and TTFT, which count from the front door)", ["class", "pool"],
+            buckets=FRONT_WAIT_BUCKETS_S, registry=r)
         self.retries = Counter(
             "tpgate_upstream_retries", "Requests retried on another replica before any byte was sent", ["pool"],
             registry=r)
@@ -192,7 +201,7 @@ class GatewayMetrics:
 
     def _per_route_metrics(self) -> tuple[Any, ...]:
         return (self.request_duration, self.time_to_first_token, self.time_per_output_token, self.output_tokens,
-                self.prompt_tokens, self.queue_wait, self.slo_met)
+                self.prompt_tokens, self.queue_wait, self.front_wait, self.slo_met)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

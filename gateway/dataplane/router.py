@@ -10,6 +10,10 @@ it (``x-tpgate-class``, ``x-tpgate-pool``).
 When the controller's table says the gateway is stopping, new requests get 503 (``stopping``, with Retry-After)
 and ``/health`` fails while the requests in flight run on; in the ``ending`` phase (or at the router's shutdown)
 those are ended too: a stream with a last SSE error event and ``[DONE]``, a request not yet answered with 503.
+On the HAProxy fast path its latency figures count from the front door (:mod:`gateway.dataplane.front`); with
+``router.metrics_targets_dir`` each replica also serves its own ``/metrics`` for Prometheus
+(:mod:`gateway.dataplane.metrics_targets`).
+
 The router lists the paths it serves as ``routes`` in the shape Ray Serve reads from an ASGI app, so Serve's
 access log and request metrics name the path (``POST /v1/chat/completions``) instead of the route prefix ``/``.
 
@@ -49,8 +53,10 @@ from gateway.dataplane.asgi import (
 )
 from gateway.dataplane.auth import authorize, require_admin
 from gateway.dataplane.bodies import parse_json_object
+from gateway.dataplane.front import FRONT_RECEIVED_HEADER, front_wait_s
 from gateway.dataplane.gate import ConcurrencyGate
 from gateway.dataplane.metrics import NO_CLASS, NO_POOL, ClassSeries, GatewayMetrics
+from gateway.dataplane.metrics_targets import MetricsTarget
 from gateway.dataplane.relay import Outcome, RelayOptions, relay_stream, relay_whole, until_disconnect
 from gateway.dataplane.routing import (
     CLASS_HEADER,
@@ -84,6 +90,7 @@ CLASS_RESPONSE_HEADER = b"x-tpgate-class"
 POOL_RESPONSE_HEADER = b"x-tpgate-pool"
 STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
+FRONT_STAMP = FRONT_RECEIVED_HEADER.encode()
 ADMIN_PREFIX = "/admin/"
 
 
@@ -125,6 +132,11 @@ class RouterSettings:
     retry_after_s: int = 1
     api_key_classes: Mapping[str, str | None] = field(default_factory=dict)  # key digest -> default class
     admin_token_digest: str | None = None
+    # the front (HAProxy) stamps requests with FRONT_RECEIVED_HEADER: count latency from there
+    front_stamps: bool = False
+    # write a Prometheus file-SD target file here and serve /metrics on a port of this replica's own
+    metrics_targets_dir: str | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -132,6 +144,7 @@ class _Request:
     """What the router learnt of one proxied request so far (for its metrics and response headers)."""
 
     route: str = NO_CLASS
+    front_wait_s: float | None = None  # from the front door receiving it to the router starting on it
     outcome: Outcome = field(default_factory=Outcome)
     stream: bool = False
     ended: bool = False  # the router ended it because the gateway stops
@@ -178,6 +191,7 @@ class Router:
         self._suspect_until: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_target: MetricsTarget | None = None
         self._table_ready = asyncio.Event()
         self._active: dict[asyncio.Task[Any], _Request] = {}  # proxied requests in flight, by their task
         self._handlers: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -235,6 +249,11 @@ class Router:
     async def start(self) -> None:
         self._session = new_session()
         self._tasks = [asyncio.create_task(self._follow_controller()), asyncio.create_task(self._report_forever())]
+        if self._settings.metrics_targets_dir is not None:
+            target = MetricsTarget(self._settings.metrics_targets_dir, host=self._settings.metrics_host,
+                                   router_id=self._router_id, exposition=self.metrics.exposition)
+            await target.start()
+            self._metrics_target = target
         if self._admin is not None:
             await self._admin.start()
 
@@ -249,6 +268,8 @@ class Router:
                 await task
         if self._session is not None:
             await self._session.close()
+        if self._metrics_target is not None:
+            await self._metrics_target.stop()
 
     async def wait_for_table(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._table_ready.wait(), timeout_s)
@@ -380,6 +401,10 @@ class Router:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = _Request()
+        if self._settings.front_stamps:
+            request.front_wait_s = front_wait_s(header(scope, FRONT_STAMP), now_unix_s=time.time())
+            if request.front_wait_s is not None:
+                started -= request.front_wait_s  # latency counts from the front door
         task = asyncio.current_task()
         assert task is not None
         self._active[task] = request
@@ -532,6 +557,8 @@ class Router:
         outcome = request.outcome
         series = self.metrics.series(request.route, outcome.pool)
         series.requests(outcome.status).inc()
+        if request.front_wait_s is not None:
+            series.front_wait.observe(request.front_wait_s)
         if outcome.status != "200":
             return
         e2e_s = time.perf_counter() - started

@@ -4,8 +4,11 @@ token file, one-line refusals with status 2, and following a promotion."""
 import asyncio
 import json
 
+import yaml
+
 from gateway.cli import main
-from tests.gateway.admin.test_app import TOKEN, admin  # noqa: F401  (the fixture)
+from loadtests import load_profile
+from tests.gateway.admin.test_app import LIVE_PROFILE, TOKEN, admin  # noqa: F401  (the fixture)
 
 
 async def tpgate(capsys, *argv):
@@ -70,3 +73,18 @@ async def test_tune_promote_and_follow_until_rolled_back(admin, tmp_path, capsys
     code, out, _ = await tpgate(capsys, *base, "abort", promotion_id)
     code, out, _ = await follow
     assert code == 1 and out.splitlines()[-1].endswith("rolled_back: aborted by the operator")
+
+
+async def test_tune_with_a_profile_file_of_ones_own(admin, tmp_path, capsys):  # noqa: F811
+    base = flags(admin, tmp_path)
+    admin.engine.release.set()
+    profile = tmp_path / "observed.yaml"
+    profile.write_text(yaml.safe_dump(LIVE_PROFILE))
+    code, out, _ = await tpgate(capsys, *base, "tune", "--class", "batch", "--profile", str(profile))
+    assert code == 0 and out.startswith("study batch-")
+    assert load_profile(admin.engine.calls[0]["profile"]).users == LIVE_PROFILE["users"]
+    profile.write_text(yaml.safe_dump({**LIVE_PROFILE, "users": 0}))
+    code, _, err = await tpgate(capsys, *base, "tune", "--class", "interactive", "--profile", str(profile))
+    assert code == 2 and "users" in err
+    code, _, err = await tpgate(capsys, *base, "tune", "--class", "interactive", "--profile", str(tmp_path / "none"))
+    assert code == 2 and "--profile" in err

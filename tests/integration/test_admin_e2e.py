@@ -1,8 +1,9 @@
 """End to end through a real `tpgate serve` (Ray, Serve, simulated engines, locust): the admin API behind its token
 on every route of its schema, a promotion under continuous load that loses no request, a deliberately slow
 candidate (its engines slowed by a deviation file) rolled back by itself with the reason in the state, an online
-study on the GPUs production leaves free whose winner is promoted, and a restart that restores the routes and the
-history. The tests share one gateway and run in order."""
+study on the GPUs production leaves free whose winner is promoted, a restart that restores the routes and the
+history, and a restart half-way through a promotion, which the new gateway settles (rolls back) at start. The tests
+share one gateway and run in order."""
 
 from __future__ import annotations
 
@@ -146,6 +147,11 @@ class Gateway:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             raise
+
+    def restart(self) -> None:
+        """Stop (SIGTERM) and start again on the same state file."""
+        self.stop()
+        self.start(reset=False)
 
     def call(self, method: str, path: str, body: object = None, *, token: str | None = "") -> tuple[int, object]:
         headers = {"content-type": "application/json"}
@@ -324,16 +330,34 @@ def test_an_online_study_uses_the_free_gpus_and_its_winner_is_promoted(gateway):
 
 def test_a_restart_restores_the_routes_and_the_history(gateway):
     before = gateway.state()
-    gateway.stop()
-    gateway.start(reset=False)
+    gateway.restart()
     assert "restored" in gateway.log_path.read_text()
     after = gateway.state()
     assert after["routes"] == before["routes"]
     assert set(after["pools"]) == set(before["pools"])
     assert [p["id"] for p in after["promotions"]] == [p["id"] for p in before["promotions"]]
     assert [(s["id"], s["state"]) for s in after["studies"]] == [(s["id"], s["state"]) for s in before["studies"]]
-    status, body = gateway.call("POST", "/admin/routes/batch/rollback")  # undo the first promotion
+
+
+def test_a_promotion_interrupted_by_a_restart_is_rolled_back_then_a_rollback_completes(gateway):
+    before = gateway.state()["routes"]["batch"]
+    assert before == {"batch-tp1x2": 1.0}  # the promotion under load made it so
+    # Without load the first step (25 %) holds, inconclusive, for up to 40 s: restart the gateway there.
+    status, body = gateway.call("POST", "/admin/promotions", {"class": "batch", "id": "batch-halfway", "tp": 1})
     assert status == 202, body
-    final = gateway.wait_promotion(body["id"], timeout_s=120)
-    assert final["phase"] == "succeeded" and final["source"].startswith("rollback of batch-")
+    wait_until(lambda: gateway.state()["routes"]["batch"] == {"batch-tp1x2": 0.75, "batch-halfway": 0.25},
+               timeout_s=120, poll_s=0.5, what="the promotion's first step")
+    gateway.restart()  # half-way through: the new gateway must settle it, not leave it there
+    interrupted = gateway.wait_promotion(body["id"], timeout_s=60)
+    assert interrupted["phase"] == "rolled_back", interrupted
+    assert interrupted["reason"].startswith("interrupted by a restart during shifting"), interrupted["reason"]
+    state = gateway.state()
+    assert state["routes"]["batch"] == before
+    assert any(e["kind"] == "promotion.rolled_back" and body["id"] in e["message"] for e in state["events"])
+    wait_until(lambda: "batch-halfway" not in gateway.state()["pools"] and not gateway.state()["draining"],
+               timeout_s=90, what="the interrupted promotion's pool to be drained and deleted")
+    status, back = gateway.call("POST", "/admin/routes/batch/rollback")  # undo the promotion under load
+    assert status == 202, back
+    final = gateway.wait_promotion(back["id"], timeout_s=120)
+    assert final["phase"] == "succeeded" and final["source"].startswith("rollback of batch-"), final
     assert gateway.state()["routes"]["batch"] == {"batch-tp1": 1.0}

@@ -128,7 +128,9 @@ async def test_killing_the_controller_under_load_loses_no_request_and_changes_re
         else:
             pytest.fail("the controller did not come back")
         time.sleep(2)
-    assert after["restored"] and after["version"] >= before["version"]  # it reloaded its stored state
+    # it reloaded its stored pools and routes (versions restart under the new epoch: endpoint changes, which bump
+    # the version, are not stored but registered again by the replicas)
+    assert after["restored"] and (after["pools"], after["routes"]) == (before["pools"], before["routes"])
     assert load.outcomes and set(load.outcomes) == {200}, [o for o in load.outcomes if o != 200][:5]
     assert len(load.outcomes) > served_while_down  # requests kept flowing on the routers' last table
     # changes resume: a new pool and a trial route to it serve requests

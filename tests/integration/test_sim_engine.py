@@ -425,5 +425,8 @@ async def test_a_kv_cache_that_holds_few_sequences_queues_and_a_larger_tp_queues
     with engine(*flags, "--tp", "4") as (url, _):
         tp4 = await waiting_under_load(url, **load)
     assert max(tp2) >= 24  # at most six of the 32 ever ran together
-    assert statistics.median(tp2) > 10  # TP 2 keeps requests waiting for KV-cache blocks most of the time
+    # TP 2 keeps requests waiting for KV-cache blocks most of the time: the queue drains by about six per batch,
+    # from 26 to 0, so half the samples see more than one batch's worth waiting (~13 on a quiet machine; a busy one
+    # samples the long tail more)
+    assert statistics.median(tp2) > 6
     assert statistics.median(tp4) == 0  # TP 4 only while the 32 prompts are prefilled, then never

@@ -161,6 +161,8 @@ def test_cli_prints_progress_and_the_table(target, tmp_path, capsys):
     assert "measuring" in err  # live progress
     saved = json.loads(json_path.read_text())
     assert saved["requests"] >= 1 and saved["failures"] == 0 and saved["ttft_p99_s"] > 0
+    assert "client (load generator)" in out  # the client's own load, sampled while it ran
+    assert saved["client_cpu_p50_ratio"] > 0 and saved["client_lag_p50_s"] >= 0
 
 
 def test_a_target_that_is_not_running_fails_the_run_with_connection_refused():

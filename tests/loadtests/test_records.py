@@ -1,4 +1,14 @@
-from loadtests.records import Phase, RecordReader, RecordWriter, RequestRecord, Sent, from_line, read_entries, to_line
+from loadtests.records import (
+    ClientLoad,
+    Phase,
+    RecordReader,
+    RecordWriter,
+    RequestRecord,
+    Sent,
+    from_line,
+    read_entries,
+    to_line,
+)
 
 
 def record(**fields):
@@ -15,7 +25,7 @@ def test_tpot_is_the_time_after_the_first_token_per_later_token():
 
 def test_lines_round_trip():
     failed = record(error="HTTP 500: boom", ok=False, status=500, cause="HTTP 500")
-    for entry in (failed, Phase("stop", 5.0, "duration"), Sent(3.5, 12)):
+    for entry in (failed, Phase("stop", 5.0, "duration"), Sent(3.5, 12), ClientLoad(4.0, cpu_ratio=0.5, lag_s=0.01)):
         line = to_line(entry)
         assert line.endswith("\n") and line.count("\n") == 1
         assert from_line(line) == entry

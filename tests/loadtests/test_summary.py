@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from loadtests.records import Phase, RequestRecord, Sent
+from loadtests.records import ClientLoad, Phase, RequestRecord, Sent
 from loadtests.summary import format_table, percentile, progress_line, summarize
 
 
@@ -141,3 +141,23 @@ def test_progress_line_shows_the_drain():
     entries = [Phase("measure", 0.0), rec(1, 0.0, 2.0, 0.3, 5), Phase("stop", 3.0), rec(2, 1.0, 4.0, 0.2, 5)]
     line = progress_line(entries, elapsed_s=6.0)
     assert "draining" in line and "1 requests (0 failed)" in line and line.endswith("(1 drained)")
+
+
+def client_run(*loads):
+    return [Phase("measure", 100.0), rec(0, 100.5, 1.0, 0.2, 10), *loads, Phase("stop", 110.0, "duration")]
+
+
+def test_a_client_short_of_cpu_is_flagged_as_the_bottleneck():
+    busy = summarize(client_run(*(ClientLoad(101.0 + i, cpu_ratio=0.97, lag_s=0.004) for i in range(5))))
+    late = summarize(client_run(*(ClientLoad(101.0 + i, cpu_ratio=0.40, lag_s=0.080) for i in range(5))))
+    assert busy.client_bottleneck and busy.client_cpu_p50_ratio == pytest.approx(0.97)
+    assert late.client_bottleneck and late.client_lag_p50_s == pytest.approx(0.080)
+    assert "CLIENT WAS THE BOTTLENECK" in format_table(late)
+
+
+def test_a_client_with_cpu_to_spare_is_not_flagged_and_samples_outside_the_window_do_not_count():
+    starved_in_warmup = [ClientLoad(99.0 - i, cpu_ratio=1.0, lag_s=0.5) for i in range(9)]
+    s = summarize(client_run(*starved_in_warmup, ClientLoad(105.0, cpu_ratio=0.3, lag_s=0.002)))
+    assert not s.client_bottleneck and s.client_cpu_p50_ratio == pytest.approx(0.3)
+    assert "not a bottleneck" in format_table(s)
+    assert not summarize(client_run()).client_bottleneck  # no samples: nothing to say

@@ -11,12 +11,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.config import load_config
 from gateway.control.state import PoolSpec
 from gateway.planner import EngineKnobs
-from loadtests import Profile, Summary
+from loadtests import Profile, Summary, load_profile
 from loadtests.records import Phase, RecordWriter
 from loadtests.summary import summarize
+from tuner.evaluate import TrialContext, TrialJudge
+from tuner.grid_measure import grid_meta
+from tuner.objectives import objective_specs
+from tuner.prior import WorkloadShape, predict_figures
+from tuner.replay import Deviation, SyntheticRunner
 from tuner.sources import WindowMark
+from tuner.space import build_space
+from tuner.tabular import GridRow, GridTable
 from tuner.timescale import ClockReading
 
 
@@ -222,13 +230,15 @@ class ScriptedRunner:
     invalid: Mapping[int, str] = field(default_factory=dict)
     cancel_at: int | None = None
     runs: list[Any] = field(default_factory=list)
+    run_numbers: list[int] = field(default_factory=list)  # the ``run`` of each call
     closed: int = 0
 
-    async def run(self, candidate: Any, *, number: int) -> Any:
+    async def run(self, candidate: Any, *, number: int, run: int = 0) -> Any:
         self.runs.append(candidate)
+        self.run_numbers.append(run)
         if self.cancel_at == len(self.runs):
             raise asyncio.CancelledError
-        measurement = await self.inner.run(candidate, number=number)
+        measurement = await self.inner.run(candidate, number=number, run=run)
         if candidate.tp in self.fail:
             return replace(measurement, failure=self.fail[candidate.tp], wall=None, clock=None)
         if candidate.tp in self.invalid:
@@ -237,3 +247,51 @@ class ScriptedRunner:
 
     async def close(self) -> None:
         self.closed += 1
+
+
+GRID_CONFIG = """\
+model: internvl2_5-38b
+gpu: h100-80gb
+gpus: 8
+default_class: interactive
+classes:
+  interactive:
+    objective: min_e2e_p99
+    slo: {ttft_p99_s: 2.0, tpot_p99_s: 0.060}
+    profile: interactive
+    gpu_budget: 4
+tuning:
+  knobs:
+    max_batch_size: [1, 64]
+    cache_max_entry_count: [0.9]
+    quant_policy: [0]
+    max_prefill_token_num: [8192]
+"""
+
+
+def synthetic_table(directory: Path, *, runs: int = 2, noise: float = 0.02, deviation_file: str | None = None,
+                    skip: int = 0) -> GridTable:
+    """A grid table of a small InternVL2.5-38B interactive space (4 GPUs, 6 configurations), every run
+    measured by the synthetic replay's runner (seed = run) and judged as a study would; ``skip`` leaves that
+    many configurations out (a partly measured grid). The configuration is written to ``directory``."""
+    path = directory / "grid.yaml"
+    path.write_text(GRID_CONFIG)
+    config = load_config(str(path))
+    space = build_space(config, "interactive")
+    profile = load_profile("interactive")
+    workload = WorkloadShape.of(profile)
+    workload_class = config.classes["interactive"]
+    judge = TrialJudge(objective_specs(workload_class.objectives), workload_class.slo, profile.request_timeout_s)
+    meta = grid_meta(config, space, name="synthetic", runs=runs, command="test", config_path=str(path),
+                     deviation_path=deviation_file)
+    rows = []
+    for number, candidate in enumerate(space.candidates()[skip:]):
+        records = []
+        for run in range(runs):
+            runner = SyntheticRunner(space, workload, Deviation(noise=noise), seed=number * 100 + run)
+            measurement = asyncio.run(runner.run(candidate, number=number, run=run))
+            context = TrialContext(number=number, candidate=candidate, run=run,
+                                   predicted=predict_figures(space, candidate, workload))
+            records.append(judge.judge(context, measurement))
+        rows.append(GridRow(candidate, tuple(records), measuring_s=1.0))
+    return GridTable(meta, tuple(rows))

@@ -7,8 +7,11 @@ from plotly.offline import get_plotlyjs
 
 from gateway.errors import UserError
 from tests.tuner.conftest import config_with
-from tests.tuner.test_study import setup
+from tests.tuner.fakes import ScriptedRunner
+from tests.tuner.test_study import WORKLOAD, setup
+from tuner.replay import Deviation, SyntheticRunner
 from tuner.report import load_report, render_report, write_report
+from tuner.space import build_space
 
 
 async def study_in(tmp_path, config=None, n_trials=5, name="s"):
@@ -78,3 +81,30 @@ async def test_the_report_draws_its_plots_in_headless_chromium(tmp_path):
     assert dom.count('class="main-svg"') >= 2 * 4  # plotly draws two SVG layers per plot it drew
     points = dom.count('class="point"')  # one path per marker and per bar
     assert points >= len(report.measured())
+
+
+async def test_the_report_shows_re_measurement_parallel_rounds_and_avoided_configurations(tmp_path):
+    batch = {"objective": "max_output_tokens_per_s", "profile": "batch", "gpu_budget": 8,
+             "slo": {"ttft_p99_s": 5.0, "error_rate_max": 0.001}}
+    config = config_with(gpus=8, classes={"batch": batch}, default_class="batch",
+                         tuning={"parallel_trials": 2, "remeasure_runs": 1, "max_failure_probability": 0.2})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = build_space(config, "batch")
+    runner = ScriptedRunner(SyntheticRunner(space, WORKLOAD, Deviation(noise=0.05), seed=2),
+                            fail={space.tp_sizes[-1]: "engine exited: CUDA out of memory"})
+    driver, *_ = setup(config, storage=storage, n_trials=10, runner=runner)
+    study = driver.open_study()
+    small = [c for c in space.candidates() if c.gpus <= 4][:2]  # the first round measures these two at once
+    for candidate in small:
+        study.enqueue_trial(candidate.params())
+    result = await driver.run()
+    report = load_report(storage)
+    page = render_report(report)
+    assert report.runs_required == 2 and "ranked by the worst of 2 runs" in page
+    twice = [s for s in report.remeasured() if s.startswith(result.best[0].candidate.label())]
+    assert twice and "(worst " in twice[0]
+    assert [r.parallel_round for r in result.records[:2]] == [1, 1]
+    assert report.rounds().endswith("up to 2 at once") and report.rounds() in page
+    avoided = [r for r in result.records if r.outcome == "avoided"]
+    assert report.avoided() == [f"#{r.number} {r.candidate.label()}: {r.reason}" for r in avoided]
+    assert all(line in page for line in report.avoided())

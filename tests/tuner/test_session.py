@@ -103,12 +103,13 @@ async def test_a_trial_records_what_the_engine_measured(tmp_path, sim_engine):
     # decode dominates throughput, TPOT and e2e, and that is where a busy CPU makes the clock lag: the effective
     # scale corrects them closely. A figure whose steps lagged less than the window's average (a long prefill
     # sleeps through most of its step) is corrected too far, by at most the lag ratio.
-    assert measured.output_tokens_per_s == pytest.approx(tokens / measured.window_s, rel=0.10)
-    assert measured.tpot_mean_s == pytest.approx(truth["time_per_output_token"], rel=0.10)
-    assert measured.e2e_mean_s == pytest.approx(truth["e2e_request_latency"], rel=0.10)
-    # The recorded TTFT also holds the gateway's path (proxy hop, HTTP, the load generator's own loop), which the
-    # engine's histogram does not: a few wall milliseconds that the clock's scale turns into tens of engine ones.
+    # Latencies recorded at the client also hold the gateway's path (proxy hop, HTTP, the load generator's own
+    # loop), which the engine's histograms do not: a few wall milliseconds that the clock's scale turns into tens
+    # of engine ones, and more where the CPU is short enough for the clock to lag.
     bound = max(0.10, record.clock.lag_ratio) + 0.05
+    assert measured.output_tokens_per_s == pytest.approx(tokens / measured.window_s, rel=0.10)
+    assert measured.tpot_mean_s == pytest.approx(truth["time_per_output_token"], rel=bound)
+    assert measured.e2e_mean_s == pytest.approx(truth["e2e_request_latency"], rel=bound)
     gateway_path_s = 0.005 * record.clock.effective_scale
     assert measured.ttft_mean_s == pytest.approx(truth["time_to_first_token"], rel=bound, abs=gateway_path_s)
     # the control plane saw a trial pool on a trial route, and nothing is left behind

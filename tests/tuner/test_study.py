@@ -8,6 +8,7 @@ from gateway.errors import UserError
 from loadtests import load_profile
 from tests.tuner.conftest import config_with
 from tests.tuner.fakes import ScriptedRunner
+from tuner.feasibility import FeasibilityModel
 from tuner.objectives import objective_specs
 from tuner.prior import WorkloadShape, guided_picks, rank_candidates
 from tuner.replay import Deviation, SyntheticRunner
@@ -43,6 +44,8 @@ async def test_the_models_best_candidate_of_each_shape_goes_first():
     assert result.measured_trials == 5 and len(runner.runs) == 5 and runner.closed == 1
     assert all(r.predicted.get("output_tokens_per_s") for r in result.records if r.outcome != "rejected")
     assert sum("guided" in line for line in lines) == 3 and any(line.startswith("[") for line in lines)
+    assert all(r.parallel_round is None for r in result.records)  # one at a time: no rounds in the lines
+    assert not any(" round " in line or line.startswith("round ") for line in lines)
 
 
 async def test_first_configurations_are_measured_before_the_models_picks_and_a_rejected_one_is_said():
@@ -110,7 +113,10 @@ async def test_an_interrupted_study_resumes_from_its_storage(tmp_path):
     result = await second.run()
     assert result.measured_trials == 4 and len(rerun.runs) == 3  # one was measured before the interruption
     assert interrupted in rerun.runs
-    assert len({tuple(sorted(r.candidate.params().items())) for r in result.records}) == 4
+    deployed = [r for r in result.records if r.outcome != "rejected" and r.reused_from is None]
+    assert len(deployed) == 4 and all(r.remeasure_of is None or r.run == 1 for r in deployed)
+    first_runs = {tuple(sorted(r.candidate.params().items())) for r in deployed if r.remeasure_of is None}
+    assert len(first_runs) == 4 - sum(r.remeasure_of is not None for r in deployed)
 
 
 async def test_trials_left_running_by_a_killed_process_are_failed_and_requeued(tmp_path):
@@ -149,8 +155,11 @@ async def test_a_study_stops_when_every_candidate_was_measured():
     driver, runner, space, *_ = setup(config, n_trials=5)
     result = await driver.run()
     assert len(space.candidates()) == 2
-    assert result.stopped_by == "exhausted" and result.measured_trials == 2 and len(runner.runs) == 2
-    assert len(result.best) == 1 and result.best[0].outcome == "feasible"
+    # both configurations, and the leader once more (with the next load seed) before it could win
+    assert result.stopped_by == "exhausted" and result.measured_trials == 3 and len(runner.runs) == 3
+    assert sorted(runner.run_numbers) == [0, 0, 1]
+    assert len(result.best) == 1 and result.best[0].outcome == "feasible" and result.best_confirmed
+    assert runner.runs[runner.run_numbers.index(1)] == result.best[0].candidate
 
 
 async def test_the_timeout_stops_starting_trials():
@@ -172,3 +181,43 @@ async def test_several_objectives_give_a_pareto_front():
     for r in front:  # nothing measured is better in both
         assert not any(o.objectives[0] > r.objectives[0] and o.objectives[1] < r.objectives[1]
                        for o in result.records if o.outcome == "feasible")
+
+
+async def test_parallel_rounds_fit_the_gpu_budget_and_are_measured_at_once():
+    batch = {"objective": "max_output_tokens_per_s", "profile": "batch", "gpu_budget": 8,
+             "slo": {"ttft_p99_s": 5.0, "error_rate_max": 0.001}}
+    config = config_with(gpus=8, classes={"batch": batch}, default_class="batch",
+                         tuning={"parallel_trials": 2, "remeasure_runs": 0})
+    driver, _, space, _, lines = setup(config, n_trials=8)
+    result = await driver.run()
+    deployed = [r for r in result.records if r.outcome not in ("rejected", "avoided") and r.reused_from is None]
+    by_round: dict[int, list] = {}
+    for r in deployed:
+        by_round.setdefault(r.parallel_round, []).append(r)
+    assert result.measured_trials == 8 and result.rounds == len(by_round) < 8
+    assert all(sum(r.candidate.gpus for r in group) <= space.gpus for group in by_round.values())
+    assert any(len(group) == 2 for group in by_round.values())
+    assert any(line.startswith("round ") for line in lines)
+
+
+async def test_neighbours_of_failed_configurations_are_avoided_without_deploying(tmp_path):
+    config = config_with(gpus=8, tuning={"max_failure_probability": 0.3, "remeasure_runs": 0})
+    space = build_space(config, "batch")
+    failing_tp = space.tp_sizes[-1]
+    runner = ScriptedRunner(SyntheticRunner(space, WORKLOAD, Deviation(noise=0.0), seed=1),
+                            fail={failing_tp: "engine exited: CUDA out of memory"})
+    driver, *_ = setup(config, runner=runner, n_trials=3, storage=f"sqlite:///{tmp_path / 's.db'}")
+    study = driver.open_study()
+    model = FeasibilityModel(space)
+    first = next(c for c in space.candidates() if c.tp == failing_tp)
+    neighbour = next(c for c in space.candidates() if model.distance(first, c) == 1)
+    study.enqueue_trial(first.params())
+    study.enqueue_trial(neighbour.params())
+    study.set_user_attr("tpgate_guided", True)  # only what was enqueued above, then the sampler
+    result = await driver.run()
+    failed, avoided = result.records[:2]
+    assert failed.outcome == "failed" and runner.runs[0] == first
+    assert avoided.outcome == "avoided" and avoided.candidate == neighbour and neighbour not in runner.runs
+    assert avoided.failure_probability == 0.5 and avoided.constraints[0] == 0.5
+    assert avoided.reason == f"predicted to fail (p 0.50: near failed trial #{failed.number})"
+    assert result.measured_trials == len(runner.runs) == 3  # an avoided configuration is not a trial

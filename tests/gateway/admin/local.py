@@ -69,7 +69,8 @@ class StandInEngine:
     async def __call__(self, config, class_name, *, gateway, storage, study_name, n_trials, timeout_s, seed,
                        sampler, progress):
         self.calls.append({"class": class_name, "max_gpus": config.tuning.max_gpus, "n_trials": n_trials,
-                           "token": gateway.admin_token, "storage": storage})
+                           "token": gateway.admin_token, "storage": storage,
+                           "profile": config.classes[class_name].profile})
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
         record = TrialRecord(number=0, candidate=Candidate(self.tp, self.replicas, EngineKnobs()),
                              outcome=self.outcome, objectives=(1000.0,), measured=figures(),

@@ -15,6 +15,7 @@ from gateway.control.controller import Controller
 from gateway.control.initial_state import initial_state
 from gateway.dataplane.auth import secret_digest
 from gateway.dataplane.metrics import GatewayMetrics
+from loadtests import load_profile
 from tests.gateway.admin.local import LocalControl, StandInEngine
 from tests.gateway.asgi_server import serve_asgi
 from tests.gateway.control.test_controller import RecordingDeployer
@@ -180,6 +181,25 @@ async def test_bad_study_requests_are_400(admin):
     status, body = await admin.call("POST", "/admin/tuning", json={"class": "batch", "knobs": {"quant_policy": [3]}})
     assert status == 400 and "quant_policy" in body["error"]["message"]
     assert (await admin.call("POST", "/admin/tuning", json={"class": "realtime"}))[0] == 404
+
+
+LIVE_PROFILE = {"users": 40, "arrival": {"kind": "closed", "think_time_s": {"kind": "fixed", "value": 0}},
+                "prompt_tokens": {"kind": "fixed", "value": 300}, "output_tokens": {"kind": "fixed", "value": 50},
+                "duration_s": 60, "max_requests": 5000}
+
+
+async def test_a_study_tunes_with_a_profile_of_its_own_instead_of_the_classs(admin):
+    status, study = await admin.call("POST", "/admin/tuning", json={"class": "batch", "max_gpus": 1,
+                                                                    "profile": LIVE_PROFILE})
+    assert status == 202 and study["profile"].endswith(f"study-{study['id']}-profile.yaml"), study
+    used = load_profile(admin.engine.calls[0]["profile"])  # what the study engine was given
+    assert (used.users, used.prompt_tokens.value, used.max_requests) == (40, 300, 5000)
+    status, state = await admin.call("GET", "/admin/state")
+    assert state["studies"][0]["profile"] == study["profile"]  # kept with the study's reference
+    status, body = await admin.call("POST", "/admin/tuning", json={"class": "interactive", "max_gpus": 1,
+                                                                   "profile": {**LIVE_PROFILE, "users": 0}})
+    assert status == 400 and "users" in body["error"]["message"], body
+    assert len(admin.engine.calls) == 1  # the bad one never started
 
 
 async def test_rollback_without_a_promotion_is_409(admin):

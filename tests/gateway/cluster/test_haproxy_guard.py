@@ -112,6 +112,25 @@ def test_ray_2_60s_own_configuration_is_confined(tmp_path):
     assert "timeout http-request" not in rendered and HEADER_TIMEOUT in confined  # Ray sets none: the guard does
 
 
+def test_front_rules_go_into_the_front_once_and_nowhere_else(tmp_path):
+    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+    from ray.serve.config import HTTPOptions
+
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=8123), socket_path=str(tmp_path / "a.sock"),
+                        server_state_base=str(tmp_path), server_state_file=str(tmp_path / "state"),
+                        metrics_socket_path=str(tmp_path / "m.sock"), stats_port=8404, metrics_port=9101)
+    HAProxyApi(cfg=cfg, config_file_path=str(tmp_path / "haproxy.cfg"))._generate_config_file_internal()
+    rules = ["http-request set-header x-a ?1", "http-request set-header x-b %[date(0,us)]"]
+
+    once = confine((tmp_path / "haproxy.cfg").read_text(), front="127.0.0.1:8123", front_rules=rules)
+
+    assert confine(once, front="127.0.0.1:8123", front_rules=rules) == once
+    lines = [line.strip() for line in once.splitlines()]
+    front = lines.index("bind 127.0.0.1:8123")
+    assert lines[front - 1] == "frontend http_frontend" and lines[front + 1:front + 3] == rules
+    assert all(lines.count(rule) == 1 for rule in rules)
+
+
 def test_main_rewrites_the_file_then_execs_haproxy_with_the_same_arguments(tmp_path, monkeypatch):
     config = tmp_path / "haproxy.cfg"
     config.write_text(RAY_LISTENERS)

@@ -8,7 +8,6 @@ from gateway.cluster.tuning_service import (
     StudyRequest,
     TuningService,
     _pool_id,
-    _with_profile,
     allotment,
 )
 from gateway.config import load_config
@@ -80,17 +79,7 @@ async def test_a_study_left_running_by_a_stopped_gateway_is_interrupted():
     assert control.sections["studies"]["batch-1"]["state"] == "interrupted"  # and that is persisted
 
 
-def test_a_re_tunes_live_profile_becomes_the_class_load_for_the_study_and_a_bad_one_is_400(tmp_path):
-    config = load_config()
-    profile = {"users": 8, "arrival": {"kind": "open", "rate_per_s": 3.0},
-               "prompt_tokens": {"kind": "fixed", "value": 200}, "output_tokens": {"kind": "fixed", "value": 30},
-               "workload_class": {"name": "batch", "via": "header"}, "duration_s": 30,
-               "max_requests": 1000}
-    changed = _with_profile(config, "batch", profile, tmp_path / "profile-batch-1.yaml")
-    assert changed.classes["batch"].profile == str(tmp_path / "profile-batch-1.yaml")
-    assert changed.classes["interactive"] == config.classes["interactive"]
-    assert config.classes["batch"].profile == "batch"  # the gateway's own configuration is left as it was
-    with pytest.raises(StudyRejected, match="profile: "):
-        _with_profile(config, "batch", {**profile, "users": 0}, tmp_path / "bad.yaml")
-    request = StudyRequest.model_validate({"class": "batch", "profile": profile, "first": [{"tp": 2, "replicas": 1}]})
-    assert request.first == [{"tp": 2, "replicas": 1}] and request.profile == profile
+def test_a_request_names_configurations_to_measure_first():
+    request = StudyRequest.model_validate({"class": "batch", "first": [{"tp": 2, "replicas": 1, "max_batch_size": 8}]})
+    assert request.first == [{"tp": 2, "replicas": 1, "max_batch_size": 8}]
+    assert StudyRequest.model_validate({"class": "batch"}).first is None

@@ -1,5 +1,7 @@
 """The promotion state machine with plain values: steps, dwell, verdicts, rollback, making room, restarts."""
 
+from dataclasses import replace
+
 import pytest
 
 from gateway.control.promotion import (
@@ -10,6 +12,7 @@ from gateway.control.promotion import (
     RemovePool,
     SetPool,
     SetWeights,
+    StepRecord,
     advance,
     after_restart,
     begin,
@@ -18,6 +21,7 @@ from gateway.control.promotion import (
     roll_back,
 )
 from gateway.control.promotion_analysis import PoolWindow, Verdict
+from gateway.control.promotion_driver import reference_baseline
 from tests.gateway.pools import make_pool
 
 POLICY = PromotionPolicy(steps=(0.1, 0.5, 1.0), dwell_s=10.0, min_requests=20, max_inconclusive_s=30.0,
@@ -225,3 +229,18 @@ def test_roll_back_is_idempotent_and_a_record_survives_json():
 def test_policy_steps_are_checked():
     with pytest.raises(ValueError, match="steps must increase"):
         PromotionPolicy(steps=(0.5, 0.2, 1.0))
+
+
+def test_the_full_step_is_judged_against_the_old_pools_when_they_carried_the_most_traffic():
+    busy_old = PoolWindow(requests=90, errors=0, errors_5xx=0, ttft_p99_s=0.40, tpot_p99_s=0.03)
+    idle_old = PoolWindow(requests=50, errors=0, errors_5xx=0, ttft_p99_s=0.15, tpot_p99_s=0.02)
+    p = start().promotion
+    assert reference_baseline(p) is None
+    history = (StepRecord(0, 0.1, "pass", "fine", 1010.0, Verdict("pass", "fine", GOOD, busy_old).as_dict()),
+               StepRecord(1, 0.5, "pass", "fine", 1020.0, Verdict("pass", "fine", GOOD, idle_old).as_dict()))
+    # at 100 % the candidate serves the whole load: the 90 % window of the old pools is the fair comparison
+    assert reference_baseline(replace(p, history=history)) == busy_old
+    assert reference_baseline(replace(p, history=history[1:])) == idle_old
+    failed = (StepRecord(0, 0.1, "fail", "slow", 1010.0, Verdict("fail", "slow", GOOD, busy_old).as_dict()),)
+    assert reference_baseline(replace(p, history=failed, last_verdict=Verdict("pass", "x", GOOD, idle_old).as_dict())) \
+        == idle_old

@@ -5,12 +5,14 @@ import dataclasses
 import json
 import random
 import socket
+import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from gateway.dataplane.auth import secret_digest
+from gateway.dataplane.metrics_targets import read_targets
 from gateway.dataplane.router import Router, RouterSettings
 from gateway.dataplane.routing import Endpoint, PoolView, RouteSlo, RoutingTable
 from gateway.dataplane.upstream import Timeouts
@@ -676,3 +678,49 @@ async def test_serve_names_the_path_of_each_request_in_its_access_log(engines):
     assert get_asgi_route_name(router, {**scope, "method": "GET", "path": "/v1/models"}) == "/v1/models"
     assert {(tuple(route.methods), route.path) for route in router.routes} >= {(("POST",), "/v1/completions"),
                                                                                 (("GET",), "/health")}
+
+
+async def test_latency_counts_from_the_front_doors_stamp(engines):
+    """A request the front (HAProxy) received 0.4 s before the router started on it: TTFT and e2e include the
+    0.4 s, and the wait is exported on its own."""
+    a = await engines("a")
+    router = await start_router(one_pool(a), front_stamps=True)
+    labels = {"class": "interactive", "pool": "pa"}
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        stamp = str(int((time.time() - 0.4) * 1e6))
+        async with session.post(url + "/v1/chat/completions", json=chat(stream=True),
+                                headers={"x-tpgate-front-received-us": stamp}) as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert metric(router, "tpgate_front_wait_seconds_sum", **labels) == pytest.approx(0.4, abs=0.1)
+    assert metric(router, "tpgate_time_to_first_token_seconds_sum", **labels) >= 0.4
+    assert metric(router, "tpgate_request_duration_seconds_sum", **labels) >= 0.4
+
+
+async def test_without_a_stamping_front_a_clients_stamp_is_ignored(engines):
+    a = await engines("a")
+    router = await start_router(one_pool(a))  # the standard proxy: nothing in front stamps requests
+    labels = {"class": "interactive", "pool": "pa"}
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        stamp = str(int((time.time() - 30) * 1e6))
+        status, _, _ = await post(session, url, chat(), headers={"x-tpgate-front-received-us": stamp})
+    assert status == 200
+    assert metric(router, "tpgate_front_wait_seconds_count", **labels) == 0
+    assert metric(router, "tpgate_request_duration_seconds_sum", **labels) < 5
+
+
+async def test_each_replica_serves_its_own_metrics_and_lists_itself_for_prometheus(engines, tmp_path):
+    a = await engines("a")
+    router = await start_router(one_pool(a), metrics_targets_dir=str(tmp_path / "targets"))
+    async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+        await router.wait_for_table(2)
+        assert (await post(session, url, chat()))[0] == 200
+        [target] = read_targets(tmp_path / "targets")
+        [path] = (tmp_path / "targets").glob("tpgate-router-*.json")
+        assert json.loads(path.read_text())[0]["labels"]["tpgate_router"] in path.name
+        async with session.get(f"http://{target}/metrics") as resp:
+            text = await resp.text()
+    assert 'tpgate_requests_total{class="interactive",pool="pa",status="200"} 1.0' in text
+    assert list((tmp_path / "targets").iterdir()) == []  # removed when the replica stopped

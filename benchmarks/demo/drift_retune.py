@@ -1,14 +1,14 @@
 """`make demo-drift`: the closed loop on simulated engines — drift detected, the class re-tuned and promoted.
 
-1. Start `tpgate serve` on `demo/tpgate-drift.yaml` (Llama-3-8B on 4 simulated H100s; class batch on one TP 2
-   pool with batches of 8, what it was tuned for: a few users with long prompts) and `tpgate drift` beside it
-   (batch in mode auto).
+1. Start `tpgate serve` on `benchmarks/demo/tpgate-drift.yaml` (Llama-3-8B on 4 simulated H100s; class batch on
+   one TP 2 pool with batches of 8, what it was tuned for: a few users with long prompts) and `tpgate drift`
+   beside it (batch in mode auto).
 2. Put the tuned-for load on it: 2 users with 3,000-token prompts ("before").
 3. Shift the load: 64 users with 200-token prompts. The monitor sees the drift over its window, re-tunes batch on
    the 2 GPUs production leaves free with the live profile as the load (the current TP 2 measured first), and
    promotes the winner in stages when it is better by the margin ("during" until the promotion has finished).
-4. Measure "after", print SLO attainment and throughput per phase, and write `demo/drift-demo.html` (self-contained:
-   inline SVG, no scripts) with the series every few seconds.
+4. Measure "after", print SLO attainment and throughput per phase, and write `benchmarks/demo/drift-demo.html`
+   (self-contained: inline SVG, no scripts) with the series every few seconds.
 
 Throughput is in the engines' clock (output tokens per second / time scale). Run it with `make demo-drift`
 (about six minutes on a 2-core machine).
