@@ -278,7 +278,12 @@ def test_a_client_that_goes_away_aborts_its_engine_request(gateway, stream, entr
     sock = _raw_request(port, body)
     try:
         if stream:
-            assert b"data: " in sock.recv(65536)  # the stream started
+            received = b""
+            sock.settimeout(10)
+            while b"data: " not in received:  # the stream started (the headers may come in a packet of their own)
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed before the first event: {received!r}"
+                received += chunk
         wait_until(lambda: _engine_gauge(gateway, "lmdeploy:num_requests_running") == 1, timeout_s=10,
                    what="the request to run in the engine")
     finally:

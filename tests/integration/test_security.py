@@ -233,7 +233,7 @@ def _grpc_checks_the_ray_token(port: int) -> bool:
 def _is_ray_process(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         argv = process.cmdline()
-        return bool(argv) and (argv[0].startswith("ray::") or any("/site-packages/ray/" in arg for arg in argv[:2]))
+        return bool(argv) and (argv[0].startswith("ray::") or any("/site-packages/ray/" in arg for arg in argv[:3]))
     return False
 
 

@@ -44,6 +44,7 @@ routes:
   batch: {{only: 1.0}}
 auth: {{admin_token_file: {token_file}, ray_token_file: {ray_token_file}}}
 state_file: {state_file}
+router: {{serve_access_log: true}}  # off by default (CPU per request); the access-log test turns it on
 """
 
 
