@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import API_KEY, BATCH_KEY
+from tests.integration.test_fuzz import send
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +38,7 @@ def call(gateway, method: str, path: str, token: str | None, extra: dict[str, st
     headers = dict(extra)
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
-    body = b"{}" if method in ("POST", "PUT", "PATCH") else None
-    request = urllib.request.Request(gateway.url + path, data=body, method=method, headers=headers)
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as resp:
-            return resp.status, resp.read(), time.monotonic() - started
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read(), time.monotonic() - started
+    return send(gateway, method, path, b"{}" if method in ("POST", "PUT", "PATCH") else None, headers)
 
 
 @FUZZ
