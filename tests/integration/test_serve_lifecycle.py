@@ -59,7 +59,11 @@ def background_serve(workdir: Path) -> Iterator[tuple[Gateway, int, Path]]:
     log_path = workdir / "serve.log"
     command = (f"{sys.executable} -m gateway.cli serve --config {config} --port {port} > {log_path} 2>&1 & "
                "echo $!; wait")
-    shell = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # Serve's replica log records are buffered (1,000 at a time) on the router: the access-log test wants each one
+    # written at once, which the operator's own setting of the variable allows
+    env = {**os.environ, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+    shell = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                             env=env)
     assert shell.stdout is not None
     with shell.stdout:
         pid = int(shell.stdout.readline())
