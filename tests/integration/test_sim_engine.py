@@ -363,8 +363,10 @@ async def test_metrics_are_in_simulated_seconds(sim: str):
 
 async def test_the_engine_reports_how_fast_its_clock_really_ran(sim: str):
     await post(sim, "/v1/completions", {"model": SERVED, "prompt": "abcd", "max_tokens": 20, "ignore_eos": True})
+    sent_s = time.time()
     async with aiohttp.ClientSession() as session, session.get(f"{sim}/sim/stats") as response:
         stats = await response.json()
+    assert sent_s <= stats["unix_time_s"] <= time.time()  # the moment the clock was read, on this host
     # Time scale 50 on a shared machine: never faster than 50, and a loaded machine shows as less.
     assert 0 < stats["clock_rate_ratio"] <= 50.5
     assert 0 < stats["clock_rate_recent_ratio"] <= 50.5

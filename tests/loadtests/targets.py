@@ -107,11 +107,13 @@ class ClockTracker:
     convert to wall seconds over exactly the stretch a load test was busy.
 
     The simulated engine's clock runs ``time_scale`` times faster than real time, and slower than that while it
-    lags behind a busy CPU; a real target's clock is the wall clock.
+    lags behind a busy CPU; a real target's clock is the wall clock. ``read_clock`` returns a (Unix time, target
+    time) pair read at one instant: stamping a reading on this side instead would add the request's round trip,
+    seconds on a busy machine, to the wall time of one end of the span.
     """
 
-    def __init__(self, read_clock_s: Callable[[], float], *, interval_s: float = 0.1) -> None:
-        self._read_clock_s = read_clock_s
+    def __init__(self, read_clock: Callable[[], tuple[float, float]], *, interval_s: float = 0.1) -> None:
+        self._read_clock = read_clock
         self._interval_s = interval_s
         self._samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
@@ -127,7 +129,7 @@ class ClockTracker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._samples.append((time.time(), self._read_clock_s()))
+            self._samples.append(self._read_clock())
             self._stop.wait(self._interval_s)
 
     def rate(self, start_s: float, end_s: float) -> float:
@@ -197,8 +199,9 @@ class GatewayTarget:
     def snapshot(self) -> Snapshot:
         return Snapshot(samples=scrape(self.url))
 
-    def clock_s(self) -> float:
-        return time.time()
+    def clock(self) -> tuple[float, float]:
+        now_s = time.time()
+        return now_s, now_s
 
     def close(self) -> None:
         """The session owns the gateway."""
@@ -239,9 +242,10 @@ class SimEngineTarget:
     def snapshot(self) -> Snapshot:
         return Snapshot(samples=scrape(self.url))
 
-    def clock_s(self) -> float:
-        """The engine's simulated time."""
-        return float(json.loads(get(f"{self.url}/sim/stats", timeout_s=2.0))["simulated_time_s"])
+    def clock(self) -> tuple[float, float]:
+        """The engine's simulated time, and the Unix time it was read at (the engine runs on this host)."""
+        stats = json.loads(get(f"{self.url}/sim/stats", timeout_s=10.0))
+        return float(stats["unix_time_s"]), float(stats["simulated_time_s"])
 
     def close(self) -> None:
         if self._process.poll() is None:

@@ -91,7 +91,7 @@ def test_summary_agrees_with_the_targets_own_metrics(kind, name, profile_target,
     records_path, json_path = tmp_path / "records.jsonl", tmp_path / "summary.json"
 
     before = target.snapshot()
-    with ClockTracker(target.clock_s) as clock:
+    with ClockTracker(target.clock) as clock:
         summary = run_load(profile, target.url, api_key=target.api_key, json_path=json_path,
                            records_path=records_path, progress=None)
     after = target.snapshot()

@@ -194,9 +194,11 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _sim_stats(request: web.Request) -> web.Response:
     setup = request.app[SETUP]
     stats = request.app[SCHEDULER].stats()
+    read_at_s = time.time()
     clock = stats.clock
     return web.json_response({
         "simulated_time_s": stats.now_s,
+        "unix_time_s": read_at_s,
         "busy_s": stats.busy_s,
         "time_scale": setup.time_scale,
         "clock_rate_ratio": clock.life_ratio,
