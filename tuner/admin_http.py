@@ -1,6 +1,6 @@
 """The gateway's admin API over HTTP, for the drift monitor: the controller's status (free GPUs, studies,
-pools) and the tuning and promotion routes a re-tune uses. One ``aiohttp`` session, explicit timeouts; a refused
-or failed call raises :class:`AdminCallFailed` with the gateway's message."""
+pools), where its verdicts go, and the tuning and promotion routes a re-tune uses. One ``aiohttp`` session,
+explicit timeouts; a refused or failed call raises :class:`AdminCallFailed` with the gateway's message."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ class AdminHttp:
 
     async def promotion(self, promotion_id: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"/admin/promotions/{promotion_id}"))
+
+    async def report_drift(self, class_name: str, report: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(await self.call("PUT", f"/admin/drift/{class_name}", dict(report)))
+
+    async def studies(self) -> list[dict[str, Any]]:
+        return list(await self.call("GET", "/admin/tuning"))
 
     async def aclose(self) -> None:
         if self._session is not None:

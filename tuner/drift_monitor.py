@@ -3,8 +3,9 @@ feeds the class's :class:`~tuner.drift.DriftDetector`, asks the guard rails what
 for a class in mode ``auto``, given a :class:`~tuner.retune.Retuner` — re-tunes.
 
 Reports: the ``tpgate_class_drifted``, ``tpgate_class_drift_ratio`` and ``tpgate_class_retune_advised`` gauges
-(:class:`gateway.dataplane.metrics.DriftMetrics`), a line when a class's state or the decision changes, an event
-through the controller where the caller gives an event sink, and the verdict in the class's drift record.
+(:class:`gateway.dataplane.metrics.DriftMetrics`), a line when a class's state or the decision changes, the
+verdict in the class's drift record, and — given the gateway's admin API — the whole verdict to the gateway every
+interval (its state, ``tpgate_class_drifted`` gauge and ``drift.*`` / ``retune.*`` events come from there).
 ``advisory`` reports the decision only. ``auto`` with a retuner runs the re-tune (a study on the live profile,
 the judge, a staged promotion) as a task of its own, records its time when it starts (``min_retune_interval_s``
 counts from it), and after a promotion makes the live profile the class's new reference; without a retuner
@@ -19,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -44,6 +46,7 @@ from tuner.space import Candidate
 logger = logging.getLogger("tpgate.drift")
 
 STATUS_TIMEOUT_S = 10.0
+VERDICT_VALID_INTERVALS = 3  # the gateway shows a verdict as stale after this many intervals without a new one
 
 
 class IntervalReader(Protocol):
@@ -192,10 +195,12 @@ class AdminApiFacts:
         return GatewayFacts(free_gpus=facts.free_gpus, in_progress=in_progress, current=facts.current)
 
 
-class EventSink(Protocol):
-    """A structured event through the controller (kinds ``drift.detected`` and ``drift.cleared``)."""
+class DriftSink(Protocol):
+    """Where each class's verdict goes every interval: the gateway's ``PUT /admin/drift/{class}``
+    (:class:`tuner.admin_http.AdminHttp`), which keeps it for ``GET /admin/state``, its ``tpgate_class_drifted``
+    gauge and its events."""
 
-    async def record_event(self, kind: str, message: str, *, route: str | None = None) -> None: ...
+    async def report_drift(self, class_name: str, report: Mapping[str, Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ class DriftMonitor:
         min_pool_gpus: int,
         metrics: DriftMetrics | None = None,
         facts: FactsSource | None = None,
-        events: EventSink | None = None,
+        gateway: DriftSink | None = None,
         retuner: Retuner | None = None,
         say: Callable[[str], None] = logger.info,
         clock: Callable[[], float] = time.time,
@@ -228,7 +233,9 @@ class DriftMonitor:
         self._min_pool_gpus = min_pool_gpus
         self.metrics = metrics or DriftMetrics()
         self._facts = facts
-        self._events = events
+        self._gateway = gateway
+        self._sent: dict[str, dict[str, Any]] = {}  # per class, the verdict last sent to the gateway
+        self._retune_ended: dict[str, dict[str, Any]] = {}  # per class, how its latest re-tune ended
         self._retuner = retuner
         self._retunes: dict[str, asyncio.Task[RetuneOutcome | None]] = {}  # per class, its re-tune while it runs
         self.outcomes: list[tuple[str, RetuneOutcome]] = []  # every re-tune that ended, with its class
@@ -295,7 +302,7 @@ class DriftMonitor:
             changed |= previous != record  # kept whenever what it says changes, not every interval
             self._records.verdicts[name] = {"at_s": verdict.at_s, **record}
             reports.append(DriftReport(verdict, decision))
-            await self._report(verdict, decision)
+            await self._report(verdict, decision, live)
             if decision.action == "retune" and facts is not None:
                 changed |= self._start_retune(name, live, decision, facts)
         if changed:
@@ -357,9 +364,10 @@ class DriftMonitor:
             self._detectors[name] = DriftDetector(self._classes[name], reference)
             self._say(f"class {name}: new reference {_describe_reference(reference)}")
         await self._store.save(self._records)
-        if self._events is not None:
-            await self._events.record_event(f"retune.{outcome.result}", f"class {name}: {outcome.reason}",
-                                            route=name)
+        self._retune_ended[name] = {"result": outcome.result, "reason": outcome.reason, "study": outcome.study_id,
+                                    "promotion": outcome.promotion_id, "ended_unix_s": self._clock()}
+        if name in self._sent:  # the gateway hears of it now, not at the next interval
+            await self._send(name, {**self._sent[name], "retune": self._retune_ended[name]})
         return outcome
 
     async def _sample(self) -> None:
@@ -408,7 +416,7 @@ class DriftMonitor:
             self._predictions[name] = "" if gain is None else f"; {gain.describe()}"
         return RetuneDecision(decision.action, decision.reason + self._predictions[name], decision.gpus)
 
-    async def _report(self, verdict: DriftVerdict, decision: RetuneDecision) -> None:
+    async def _report(self, verdict: DriftVerdict, decision: RetuneDecision, live: LiveProfile) -> None:
         name = verdict.class_name
         m = self.metrics
         m.drifted.labels(name).set(1 if verdict.drifted else 0)
@@ -421,9 +429,29 @@ class DriftMonitor:
             # distances hold), not per interval
             self._say(f"class {name}: {verdict.reason}; {decision.action}: {decision.reason}")
             self._last_said[name] = state
-        if verdict.changed and self._events is not None:
-            kind = "drift.detected" if verdict.drifted else "drift.cleared"
-            await self._events.record_event(kind, f"class {name}: {verdict.reason}", route=name)
+        await self._send(name, {
+            "drifted": verdict.drifted, "reason": verdict.reason,
+            "distances": {d.name: d.ratio for d in verdict.latest if d.ratio is not None and math.isfinite(d.ratio)},
+            "live": live.figures(), "reference": _finite(asdict(verdict.reference)),
+            "decision": decision.action, "decision_reason": decision.reason,
+            "retune": self._retune_ended.get(name),
+            "valid_for_s": VERDICT_VALID_INTERVALS * self._config.drift.interval_s,
+        })
+
+    async def _send(self, name: str, report: dict[str, Any]) -> None:
+        """The verdict to the gateway; a gateway that does not take it (restarting) gets the next one."""
+        if self._gateway is None:
+            return
+        try:
+            await self._gateway.report_drift(name, report)
+            self._sent[name] = report
+        except AdminCallFailed as exc:
+            logger.warning("class %s: the gateway did not take the drift verdict: %s", name, exc)
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with None for infinities and NaN (JSON has neither)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
 def _describe_reference(reference: ReferenceProfile) -> str:

@@ -135,6 +135,17 @@ class LiveProfile:
     def error_share(self) -> float | None:
         return (self.requests - self.ok_requests) / self.requests if self.requests > 0 else None
 
+    def figures(self) -> dict[str, Any]:
+        """The headline figures (what ``GET /admin/state`` shows); None where the interval cannot tell."""
+        figures = {
+            "window_s": self.window_s, "end_unix_s": self.end_s, "arrival_rate_per_s": self.arrival_rate_per_s,
+            "concurrency_mean": self.concurrency_mean, "concurrency_peak": self.concurrency_peak,
+            "prompt_median": self.prompt.median, "output_median": self.output.median,
+            "streaming_share": self.streaming_share, "chat_share": self.chat_share,
+            "slo_attainment": self.slo_attainment, "error_share": self.error_share,
+        }
+        return {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
+
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["prompt"] = self.prompt.as_dict()

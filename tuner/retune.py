@@ -3,8 +3,10 @@
 
 1. An online study of the class on the GPUs the decision names, with the class's **live profile** as the trials'
    load (fitted exactly as ``tpgate profile`` fits it, put into the engines' clock), and the class's **current
-   configuration measured first** under that same load (where it fits those GPUs), then the performance model's
-   picks for the live profile, then the sampler.
+   configuration measured first** under that same load (where it fits those GPUs), then — the warm start — the
+   winners of the class's earlier studies, newest first (those that still fit the GPUs and knobs; their old
+   figures were measured under another load, so they are measured again), then the performance model's picks for
+   the live profile, then the sampler.
 2. The study's best other feasible configuration is **judged** against that measurement of the current one
    (:func:`tuner.guard_rails.judge`, with the class's ``margin_ratio``): nothing clearly better keeps what runs.
 3. A clearly better winner goes through the gateway's normal **staged, SLO-guarded promotion**; the re-tune ends
@@ -31,6 +33,7 @@ from tuner.space import Candidate
 
 POLL_S = 1.0
 TRIAL_MAX_REQUESTS = 1_000_000  # the trial's warm-up and window bound it, not a request count
+WARM_START_WINNERS = 3  # earlier studies' winners measured after the current configuration
 
 RetuneResult = Literal["promoted", "kept", "rolled_back", "failed"]
 
@@ -39,6 +42,8 @@ class RetuneBackend(Protocol):
     """What a re-tune needs of the gateway (the admin API's tuning and promotion routes)."""
 
     async def start_study(self, request: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def studies(self) -> list[dict[str, Any]]: ...
 
     async def study(self, study_id: str) -> dict[str, Any]: ...
 
@@ -66,6 +71,21 @@ def study_profile(live: LiveProfile, *, time_scale: float) -> dict[str, Any]:
     data["arrival"] = {"kind": "open", "rate_per_s": data["arrival"]["rate_per_s"] / time_scale}
     data["max_requests"] = TRIAL_MAX_REQUESTS
     return data
+
+
+def earlier_winners(studies: Sequence[Mapping[str, Any]], class_name: str, current: Candidate, *,
+                    limit: int = WARM_START_WINNERS) -> list[Candidate]:
+    """The best feasible configuration of each earlier study of the class (as ``GET /admin/tuning`` lists them),
+    newest study first, without the current configuration or repeats; at most ``limit``."""
+    winners: list[Candidate] = []
+    for study in sorted(studies, key=lambda s: s.get("started_unix_s") or 0.0, reverse=True):
+        best = study.get("best")
+        if study.get("class") != class_name or not best or best.get("outcome") != "feasible":
+            continue
+        candidate = Candidate.from_params(best["params"])
+        if candidate != current and candidate not in winners:
+            winners.append(candidate)
+    return winners[:limit]
 
 
 def described_record(raw: Mapping[str, Any]) -> TrialRecord:
@@ -110,8 +130,10 @@ class Retuner:
     async def retune(self, class_name: str, live: LiveProfile, *, gpus: int, current: Candidate) -> RetuneOutcome:
         """Study, judge, and promote a clearly better winner; returns when the promotion has ended."""
         settings = self._config.drift.classes[class_name]
+        warm = earlier_winners(await self._backend.studies(), class_name, current)
         request: dict[str, Any] = {
-            "class": class_name, "trials": settings.retune_trials, "max_gpus": gpus, "first": [current.params()],
+            "class": class_name, "trials": settings.retune_trials, "max_gpus": gpus,
+            "first": [current.params(), *(c.params() for c in warm)],
             "profile": study_profile(live, time_scale=self._config.engine.time_scale),
         }
         if settings.retune_timeout_s is not None:
@@ -121,7 +143,8 @@ class Retuner:
         study = await self._backend.start_study(request)
         study_id = str(study["id"])
         self._say(f"class {class_name}: re-tune study {study_id} on up to {study['gpus']} GPUs, "
-                  f"{settings.retune_trials} trials, the current {current.label()} measured first")
+                  f"{settings.retune_trials} trials, the current {current.label()} measured first"
+                  + (f", then earlier winners {', '.join(c.label() for c in warm)}" if warm else ""))
         detail = await self._wait_study(study_id)
         if detail["state"] != "completed":
             return RetuneOutcome("failed", f"study {study_id} {detail['state']}: {detail.get('reason')}", study_id)

@@ -23,6 +23,8 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin.models import (
+    DriftIn,
+    DriftOut,
     ErrorBody,
     GatewayState,
     PoolIn,
@@ -67,6 +69,7 @@ class ControlBackend(Protocol):
     async def abort_promotion(self, promotion_id: str, reason: str = ...) -> dict[str, Any]: ...
     async def rollback_class(self, class_name: str) -> dict[str, Any]: ...
     async def start_promotion(self, class_name: str, pool: PoolSpec, *, source: str) -> dict[str, Any]: ...
+    async def report_drift(self, class_name: str, report: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class TuningBackend(Protocol):
@@ -157,6 +160,22 @@ def build_app(config: TpgateConfig, capacity: Capacity, control: ControlBackend,
         known_class(class_name)
         return await control.rollback_class(class_name)
 
+    # --- drift -------------------------------------------------------------------------------------------------
+
+    @app.put("/admin/drift/{class_name}", response_model=DriftOut, tags=["drift"],
+             summary="The drift monitor's verdict on a class (sent by tpgate drift every interval)")
+    async def report_drift(class_name: str, body: DriftIn) -> dict[str, Any]:
+        known_class(class_name)
+        for name in ("distances", "live", "reference"):
+            if not _all_finite(getattr(body, name)):
+                raise ApiError(400, f"{name}: numbers must be finite (JSON has no NaN or Infinity)", param=name)
+        return await control.report_drift(class_name, body.model_dump())
+
+    @app.get("/admin/drift", response_model=dict[str, DriftOut], tags=["drift"],
+             summary="Every class's latest drift verdict")
+    async def list_drift() -> dict[str, Any]:
+        return dict((await control.raw_status()).get("drift", {}))
+
     # --- tuning ------------------------------------------------------------------------------------------------
 
     @app.post("/admin/tuning", response_model=StudyOut, status_code=202, tags=["tuning"],
@@ -234,6 +253,17 @@ def gateway_state(raw: Mapping[str, Any]) -> dict[str, Any]:
         "promotions": list(raw.get("promotions", [])),
         "studies": list((raw.get("studies") or {}).values()),
     }
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value`` (Python's JSON parser reads them; the state could not be sent)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -7,7 +7,7 @@ through with their own fields, documented on the models below.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -136,6 +136,44 @@ class PromoteIn(_In):
     trial: int | None = Field(default=None, ge=0)
 
 
+class RetuneEnded(_In):
+    """How the class's latest re-tune ended (``promoted``, ``kept``, ``rolled_back`` or ``failed``) and why."""
+
+    result: Literal["promoted", "kept", "rolled_back", "failed"]
+    reason: str = Field(max_length=4000)
+    study: str | None = Field(default=None, max_length=200)
+    promotion: str | None = Field(default=None, max_length=200)
+    ended_unix_s: float = Field(allow_inf_nan=False)
+
+
+class DriftIn(_In):
+    """The drift monitor's verdict on a class after an interval: ``tpgate drift`` sends one per class and interval,
+    the whole verdict each time. ``distances``: each distance's latest live figure over the reference's
+    (``slo_attainment``: the attainment itself); ``live``: the interval's live profile; ``reference``: what the
+    class was tuned or promoted for; ``decision``: what the guard rails say now; ``valid_for_s``: after this long
+    without a new report the verdict is stale (the monitor stopped) and no longer counts as drifted."""
+
+    drifted: bool
+    reason: str = Field(max_length=4000)
+    distances: dict[str, float] = Field(default_factory=dict)
+    live: dict[str, Any] | None = None
+    reference: dict[str, Any] | None = None
+    decision: Literal["retune", "advise", "hold"]
+    decision_reason: str = Field(max_length=4000)
+    retune: RetuneEnded | None = None
+    valid_for_s: float = Field(gt=0, le=86_400)
+
+
+class DriftOut(_Out):
+    """A class's latest drift verdict as the gateway keeps it, with its age and whether it is ``stale``."""
+
+    drifted: bool
+    reason: str
+    decision: str
+    age_s: float
+    stale: bool
+
+
 class GatewayState(_Out):
     """The whole picture: pools, routes with weights, GPU budget, promotions and studies, recent events."""
 
@@ -148,4 +186,6 @@ class GatewayState(_Out):
     trial_routes: dict[str, dict[str, Any]] = Field(description="trial route -> its class and weights")
     promotions: list[PromotionOut]
     studies: list[StudyOut]
+    drift: dict[str, DriftOut] = Field(default_factory=dict,
+                                       description="class -> the drift monitor's latest verdict (tpgate drift)")
     events: list[dict[str, Any]]

@@ -1,9 +1,11 @@
 """Each router's part in promotions: report its series of the classes under promotion to the controller, and
-keep the ``tpgate_promotion_step`` and ``tpgate_promotion_weight_ratio`` gauges of this router's ``/metrics``.
+keep the ``tpgate_promotion_step``, ``tpgate_promotion_weight_ratio`` and ``tpgate_class_drifted`` gauges of this
+router's ``/metrics``.
 
 About once a second the router sends the controller the ``tpgate_`` series of the classes the controller asked
 for at the last report (nothing when no promotion runs) and is told which classes to send next time and each
-promotion's step. A controller that does not answer (restarting) is asked again at the next period.
+promotion's step, and the drift monitor's current verdict per class. A controller that does not answer
+(restarting) is asked again at the next period.
 """
 
 from __future__ import annotations
@@ -63,15 +65,18 @@ class MetricsReporter:
     async def report_once(self) -> None:
         answer = await self._sink.report_metrics(self.router_id, collect(self._metrics, self._classes))
         self._classes = set(answer.get("classes", ()))
-        self._publish(answer.get("steps", {}))
+        self._publish(answer.get("steps", {}), answer.get("drifted", {}))
 
-    def _publish(self, steps: Mapping[str, Mapping[str, float]]) -> None:
+    def _publish(self, steps: Mapping[str, Mapping[str, float]], drifted: Mapping[str, int]) -> None:
         m = self._metrics
         m.promotion_step.clear()
         m.promotion_weight.clear()
         for class_name, step in steps.items():
             m.promotion_step.labels(class_name).set(step["step"])
             m.promotion_weight.labels(class_name).set(step["weight"])
+        m.class_drifted.clear()
+        for class_name, value in drifted.items():
+            m.class_drifted.labels(class_name).set(value)
 
     async def _run(self) -> None:
         while True:

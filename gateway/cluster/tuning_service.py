@@ -86,8 +86,9 @@ class StudyRequest(BaseModel):
                                   "a `tpgate load` profile, in the engine's clock): for example the class's traffic "
                                   "as observed")
     first: list[dict[str, Any]] | None = Field(
-        default=None, description="configurations (tp, replicas, knobs) measured before the model's picks: a "
-                                  "re-tune measures the class's current configuration under the same load")
+        default=None, max_length=16,
+        description="configurations (tp, replicas, knobs) measured before the model's picks: a re-tune measures the "
+                    "class's current configuration under the same load, then earlier studies' winners")
 
     def tuning(self, base: TuningConfig) -> TuningConfig:
         """``base`` with this request's overrides; StudyRejected naming a bad value."""

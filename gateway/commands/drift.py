@@ -4,9 +4,10 @@
 ``--duration``: every ``drift.interval_s`` it reads the classes ``drift.classes`` lists, from the gateway's
 ``/metrics`` or with ``--prometheus-url`` from Prometheus, prints a line whenever a class drifts, clears, or what a
 re-tune would do changes, keeps the references and verdicts in ``drift.reference_file``, and serves the
-``tpgate_class_drifted`` gauges on ``--metrics-port`` (loopback). The gateway's free GPUs and running studies come
-from ``/admin/status`` with the admin token (``auth.admin_token_file``); with it, a class in mode ``auto`` is
-re-tuned through the admin API (an online study on its live profile, the judge, a staged promotion).
+``tpgate_class_drifted`` gauges on ``--metrics-port`` (loopback). With the admin token (``auth.admin_token_file``)
+it reads the gateway's free GPUs and running studies from ``/admin/status``, sends every verdict to
+``PUT /admin/drift/{class}`` (the gateway's state, gauge and events), and re-tunes a class in mode ``auto`` through
+the admin API (an online study on its live profile, the judge, a staged promotion).
 
 The tuner is imported only when the monitor runs (``gateway`` never imports ``tuner`` at import time).
 """
@@ -70,7 +71,8 @@ async def _watch(config: TpgateConfig, args: argparse.Namespace) -> int:
     else:
         _say(f"no admin token at {token_path}: free GPUs and running studies are unknown, so no re-tune is advised")
     monitor = DriftMonitor(config, reader=reader, store=FileDriftStore(config.drift.reference_file),
-                           min_pool_gpus=smallest_pool_gpus(config), facts=facts, retuner=retuner, say=_say)
+                           min_pool_gpus=smallest_pool_gpus(config), facts=facts, gateway=admin, retuner=retuner,
+                           say=_say)
     automatic = [name for name in monitor.classes if config.drift.classes[name].mode == "auto"]
     _say(f"watching {', '.join(monitor.classes)} every {config.drift.interval_s:g} s through "
          f"{reader.description}; " + (f"re-tuning {', '.join(automatic)} by itself (mode auto)"

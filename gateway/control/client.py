@@ -200,6 +200,12 @@ class ControlClient:
         """A router's series of the classes under promotion; returns what to report next (see the controller)."""
         wanted: dict[str, Any] = await self._call("report_metrics", router_id, samples)
         return wanted
+
+    async def report_drift(self, class_name: str, report: Mapping[str, Any]) -> dict[str, Any]:
+        """The drift monitor's latest verdict on a class; returns it as the controller keeps it."""
+        kept: dict[str, Any] = await self._call("report_drift", class_name, dict(report))
+        return kept
+
     async def set_stop_phase(self, phase: str) -> int:
         """The gateway is stopping (see :meth:`gateway.control.controller.Controller.set_stop_phase`)."""
         return int(await self._call("set_stop_phase", phase))

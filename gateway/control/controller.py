@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from gateway.control.drain import DrainTracker, RouterReport
+from gateway.control.drift_board import DriftBoard
 from gateway.control.endpoints import EndpointRegistry
 from gateway.control.events import EventLog
 from gateway.control.metric_reports import MetricReports, select
@@ -166,6 +167,7 @@ class Controller:
         self._recovering = self.restored
         self._wall_clock = wall_clock
         self._reports = MetricReports()
+        self._drift = DriftBoard()
         self._promotions = PromotionDriver(_PromotionHost(self), self._reports,
                                            stored=self._records.get("promotions"), wall_clock=wall_clock)
         self._events.add("controller.started", f"controller epoch {self.epoch} started"
@@ -367,7 +369,18 @@ class Controller:
         self._ensure_background_tasks()
         watched = self._promotions.watched()
         self._reports.report(router_id, select(samples, watched), now_s=self._clock())
-        return {"classes": sorted(watched), "steps": {c: {"step": s, "weight": w} for c, (s, w) in watched.items()}}
+        return {"classes": sorted(watched), "steps": {c: {"step": s, "weight": w} for c, (s, w) in watched.items()},
+                "drifted": self._drift.drifted(now_s=self._clock())}
+
+    def report_drift(self, class_name: str, report: Mapping[str, Any]) -> dict[str, Any]:
+        """The drift monitor's latest verdict on a class (see :mod:`gateway.control.drift_board`); the events it
+        brings (drifted, cleared, a re-tune ended) go to the event log. Returns the report as kept."""
+        if class_name not in self._settings.classes:
+            raise StateError(f"unknown class {class_name!r} (classes: {', '.join(self._settings.classes)})")
+        now = self._clock()
+        for event in self._drift.report(class_name, report, now_s=now):
+            self._events.add(event.kind, event.message, route=class_name)
+        return self._drift.as_dict(now_s=now)[class_name]
 
     def _refuse_if_promoting(self, *, pool: str | None = None, route: str | None = None) -> None:
         owner = (self._promotions.owner_of_pool(pool) if pool is not None
@@ -495,6 +508,7 @@ class Controller:
             "promotions": [promotion_to_dict(p) for p in self._promotions.all()[-10:]],
             "studies": self._records.get("studies") or {},
             "routers": len(self._drains.live_reports(now_s=now)),
+            "drift": self._drift.as_dict(now_s=now),
             "events": [e.as_dict() for e in self._events.recent(50)],
         }
 

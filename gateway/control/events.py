@@ -36,6 +36,12 @@ KINDS = frozenset({
     "promotion.check",  # a step was judged and passed (the message has the figures)
     "promotion.succeeded",  # the class runs on the new pool; the old pools are drained and removed
     "promotion.rolled_back",  # the class went back to its old pools (the message is the reason)
+    "drift.detected",  # the drift monitor found a class's live traffic far from what it was tuned for (the numbers)
+    "drift.cleared",  # ... and that it no longer is
+    "retune.promoted",  # a drifted class's re-tune ended: its winner was promoted
+    "retune.kept",  # ... nothing clearly better was found; the class keeps its configuration
+    "retune.rolled_back",  # ... the winner's promotion rolled back
+    "retune.failed",  # ... the re-tune's study failed
     "gateway.stopping",  # the gateway is stopping: routers refuse new requests, or also end those in flight
 })
 

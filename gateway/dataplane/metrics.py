@@ -140,6 +140,9 @@ class GatewayMetrics:
         self.promotion_weight = Gauge(
             "tpgate_promotion_weight_ratio", "Share of the class's traffic its promotion has moved to the new pool",
             ["class"], registry=r)
+        self.class_drifted = Gauge(
+            "tpgate_class_drifted", "1 when the drift monitor finds the class's live traffic far from what it was "
+            "tuned for; no series without a current verdict", ["class"], registry=r)
 
         self._series: dict[tuple[str, str], RouteSeries] = {}
         self._class_series: dict[str, ClassSeries] = {}

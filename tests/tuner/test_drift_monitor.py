@@ -7,6 +7,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import load_config
+from gateway.control.drift_board import DriftBoard
 from tests.tuner.profile_traffic import ClassTraffic
 from tests.tuner.test_drift import interval
 from tests.tuner.test_retune import CURRENT, WIDER, Backend, trial
@@ -48,12 +49,17 @@ class Facts:
         return GatewayFacts(self.free_gpus, self.in_progress, self.current)
 
 
-class Events:
-    def __init__(self):
-        self.events = []
+class Gateway:
+    """The admin API's PUT /admin/drift/{class}, over the controller's own board: the reports as sent, and the
+    events the gateway makes of them."""
 
-    async def record_event(self, kind, message, *, route=None):
-        self.events.append((kind, route, message))
+    def __init__(self):
+        self.board, self.reports, self.events = DriftBoard(), [], []
+
+    async def report_drift(self, class_name, report):
+        json.dumps(report, allow_nan=False)  # what the admin API can take
+        self.reports.append((class_name, report))
+        self.events += [(e.kind, class_name, e.message) for e in self.board.report(class_name, report, now_s=0.0)]
 
 
 def configured(tmp_path, mode="advisory", profile="batch"):
@@ -73,11 +79,11 @@ async def run_monitor(monitor, steps):
 
 
 async def test_a_sustained_shift_is_reported_everywhere_once(tmp_path):
-    lines, events = [], Events()
+    lines, events = [], Gateway()
     store = FileDriftStore(tmp_path / "drift.json")
     # the batch profile: 256 users, ~956-token median prompts; the traffic: 16 users, 4,000-token prompts
     monitor = DriftMonitor(configured(tmp_path), reader=Intervals([{"concurrency": 16.0, "prompt": 4000.0}] * 12),
-                           store=store, min_pool_gpus=2, facts=Facts(free_gpus=6), events=events, say=lines.append)
+                           store=store, min_pool_gpus=2, facts=Facts(free_gpus=6), gateway=events, say=lines.append)
     assert monitor.classes == ["batch"]
     reports = await run_monitor(monitor, 13)
     assert reports[0] == []  # the first read has no interval yet
@@ -87,6 +93,11 @@ async def test_a_sustained_shift_is_reported_everywhere_once(tmp_path):
     assert (decision.action, decision.gpus) == ("advise", 4)  # 6 free, at most 4 for a re-tune
     assert decision.reason.startswith("would re-tune on 4 GPUs: drifted: concurrency 16 vs 256")
     assert events.events == [("drift.detected", "batch", f"class batch: {reports[10][0].verdict.reason}")]
+    assert len(events.reports) == 12  # the whole verdict every interval, for the gateway's state and gauge
+    name, last = events.reports[-1]
+    assert name == "batch" and last["drifted"] and last["decision"] == "advise" and last["valid_for_s"] == 90
+    assert last["distances"]["concurrency"] == 16 / 256 and last["live"]["concurrency_mean"] == 16
+    assert last["reference"]["concurrency"] == 256 and last["retune"] is None
     assert lines[0].startswith("class batch: reference from load profile batch: concurrency 256")
     assert sum("would re-tune" in line for line in lines) == 1  # said when it changed, not every interval
     m = monitor.metrics.registry
@@ -110,10 +121,10 @@ async def test_auto_mode_re_tunes_once_promotes_and_takes_the_live_profile_as_th
     # the class's objective is the default min_e2e_p99: the winner's p99 is half the current one's
     backend = Backend([trial(0, CURRENT, value=2.0), trial(1, WIDER, value=1.0)])
     config = configured(tmp_path, mode="auto")
-    lines, events, now = [], Events(), [1000.0]
+    lines, events, now = [], Gateway(), [1000.0]
     monitor = DriftMonitor(config, reader=Intervals([{"concurrency": 16.0, "prompt": 300.0}] * 14),
                            store=FileDriftStore(tmp_path / "d.json"), min_pool_gpus=2,
-                           facts=Facts(current={"batch": CURRENT}), events=events,
+                           facts=Facts(current={"batch": CURRENT}), gateway=events,
                            retuner=Retuner(config, backend, poll_s=0.01), say=lines.append, clock=lambda: now[0])
     reports = await run_monitor(monitor, 11)
     assert reports[-1][0].decision.action == "retune"
@@ -130,7 +141,8 @@ async def test_auto_mode_re_tunes_once_promotes_and_takes_the_live_profile_as_th
     assert stored["last_retune_s"]["batch"] == 1000.0
     assert stored["references"]["batch"]["source"] == f"re-tune study batch-abc123 promoted {WIDER.label()}"
     assert stored["references"]["batch"]["prompt_median"] == 300
-    assert events.events[-1][:2] == ("retune.promoted", "batch")
+    assert events.events[-1][:2] == ("retune.promoted", "batch")  # told as soon as it ended
+    assert events.reports[-1][1]["retune"]["result"] == "promoted"
     after = await monitor.step()  # measured against the new reference: no drift, no second re-tune
     assert not after[0].verdict.drifted and after[0].decision.action == "hold"
     assert any(line.startswith("class batch: re-tune promoted") for line in lines)

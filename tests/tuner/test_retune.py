@@ -6,7 +6,7 @@ import pytest
 from gateway.config import load_config
 from gateway.planner import EngineKnobs
 from tests.tuner.test_drift import interval
-from tuner.retune import Retuner, choose, study_profile
+from tuner.retune import Retuner, choose, earlier_winners, study_profile
 from tuner.space import Candidate
 
 CURRENT = Candidate(2, 1, EngineKnobs(max_batch_size=128))
@@ -30,9 +30,13 @@ def trial(number, candidate, outcome="feasible", value=1000.0):
 class Backend:
     """The admin API's tuning and promotion routes, answering from prepared trials and a promotion's end."""
 
-    def __init__(self, trials, *, study_state="completed", promotion_phase="succeeded"):
+    def __init__(self, trials, *, study_state="completed", promotion_phase="succeeded", earlier=()):
         self.trials, self.study_state, self.promotion_phase = trials, study_state, promotion_phase
+        self.earlier = list(earlier)
         self.requests, self.promoted, self.polls = [], [], 0
+
+    async def studies(self):
+        return self.earlier
 
     async def start_study(self, request):
         self.requests.append(request)
@@ -101,3 +105,28 @@ async def test_a_rolled_back_promotion_and_a_failed_study_are_said(tmp_path):
     failed = await Retuner(configured(tmp_path), Backend([], study_state="failed"), poll_s=0).retune(
         "batch", interval(30.0), gpus=2, current=CURRENT)
     assert failed.result == "failed" and "study batch-abc123 failed" in failed.reason
+
+
+def earlier_study(class_name, candidate, started, outcome="feasible"):
+    return {"id": f"s{started}", "class": class_name, "state": "completed", "started_unix_s": started,
+            "best": {"params": candidate.params(), "outcome": outcome}}
+
+
+def test_the_warm_start_is_each_earlier_studys_winner_newest_first_without_the_current_one_or_repeats():
+    studies = [earlier_study("batch", OTHER, 100), earlier_study("batch", WIDER, 300),
+               earlier_study("batch", CURRENT, 400), earlier_study("batch", WIDER, 200),
+               earlier_study("interactive", Candidate(4, 1, EngineKnobs()), 500),
+               earlier_study("batch", Candidate(8, 1, EngineKnobs()), 600, outcome="infeasible"),
+               {"id": "running", "class": "batch", "state": "running", "started_unix_s": 700, "best": None}]
+    assert earlier_winners(studies, "batch", CURRENT) == [WIDER, OTHER]
+    assert earlier_winners(studies, "batch", CURRENT, limit=1) == [WIDER]
+
+
+async def test_a_re_tune_measures_earlier_winners_after_the_current_configuration(tmp_path):
+    backend = Backend([trial(0, CURRENT, value=1000), trial(1, WIDER, value=1010)],
+                      earlier=[earlier_study("batch", WIDER, 100)])
+    lines = []
+    await Retuner(configured(tmp_path), backend, say=lines.append, poll_s=0).retune(
+        "batch", interval(30.0), gpus=2, current=CURRENT)
+    assert backend.requests[0]["first"] == [CURRENT.params(), WIDER.params()]
+    assert any(f"then earlier winners {WIDER.label()}" in line for line in lines)

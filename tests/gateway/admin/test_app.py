@@ -219,3 +219,45 @@ async def test_a_configuration_of_ones_choice_is_promoted(admin):
     assert [p["id"] for p in listed] == [promotion["id"]]
     status, rolled = await admin.call("POST", "/admin/routes/batch/rollback")
     assert status == 202 and rolled["phase"] == "rolled_back" and rolled["reason"] == "rolled back by the operator"
+
+
+DRIFTED = {"drifted": True, "reason": "drifted: concurrency 64 vs 16 (x4.0) for 300 s",
+           "distances": {"concurrency": 4.0}, "live": {"concurrency_mean": 64.0, "prompt_median": 250.0},
+           "reference": {"concurrency": 16.0},
+           "decision": "advise", "decision_reason": "would re-tune on 2 GPUs", "valid_for_s": 90}
+
+
+async def test_the_drift_monitors_verdicts_show_in_the_state_with_one_event_per_change(admin):
+    status, kept = await admin.call("PUT", "/admin/drift/batch", json=DRIFTED)
+    assert status == 200 and kept["drifted"] is True and kept["stale"] is False
+    await admin.call("PUT", "/admin/drift/batch", json=DRIFTED)  # every interval: the same verdict again
+    ended = {"result": "kept", "reason": "not better by the 5% margin", "study": "batch-1", "ended_unix_s": 1e9}
+    await admin.call("PUT", "/admin/drift/batch", json={**DRIFTED, "drifted": False, "reason": "within bounds",
+                                                         "retune": ended})
+    status, state = await admin.call("GET", "/admin/state")
+    assert status == 200
+    shown = state["drift"]["batch"]
+    assert shown["drifted"] is False and shown["live"]["concurrency_mean"] == 64
+    assert shown["retune"] == {**ended, "promotion": None}
+    events = [(e["kind"], e["route"]) for e in state["events"] if e["kind"].startswith(("drift.", "retune."))]
+    assert events == [("drift.detected", "batch"), ("drift.cleared", "batch"), ("retune.kept", "batch")]
+    status, listed = await admin.call("GET", "/admin/drift")
+    assert status == 200 and set(listed) == {"batch"}
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/admin/drift/nope", DRIFTED, 404, "class"),
+    ("/admin/drift/batch", {**DRIFTED, "decision": "maybe"}, 400, None),
+    ("/admin/drift/batch", {**DRIFTED, "valid_for_s": 0}, 400, None),
+    ("/admin/drift/batch", {**DRIFTED, "surprise": 1}, 400, None),
+    ("/admin/drift/batch", {**DRIFTED, "distances": {"concurrency": float("inf")}}, 400, "distances"),
+    ("/admin/drift/batch", {**DRIFTED, "live": {"nested": [float("nan")]}}, 400, "live"),
+])
+async def test_bad_drift_verdicts_are_refused_with_the_reason(admin, path, body, status, param):
+    got, answer = await admin.call("PUT", path, json=body)
+    assert got == status, answer
+    assert answer["error"]["message"]
+    if param is not None:
+        assert answer["error"]["param"] == param
+    _, state = await admin.call("GET", "/admin/state")
+    assert state["drift"] == {}  # nothing kept

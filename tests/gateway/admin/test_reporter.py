@@ -1,4 +1,4 @@
-"""A router's reports to the controller: only the classes under promotion, and the promotion step gauge."""
+"""A router's reports to the controller: only the classes under promotion; the promotion step and drift gauges."""
 
 from gateway.admin.reporter import MetricsReporter, collect
 from gateway.control.controller import Controller
@@ -55,3 +55,20 @@ async def test_a_router_reports_what_the_controller_asks_for_and_shows_the_step(
     exposition = metrics.exposition()
     assert b'tpgate_promotion_step{class="batch"} 1.0' in exposition
     assert b'tpgate_promotion_weight_ratio{class="batch"} 0.5' in exposition
+
+
+async def test_a_router_shows_the_drift_monitors_current_verdicts_as_gauges(capacity):
+    controller = Controller(settings_for(capacity), RecordingDeployer())
+    await controller.apply(DesiredState(pools={"old": make_pool("old")}, routes={"batch": {"old": 1.0}}))
+    metrics = GatewayMetrics()
+    reporter = MetricsReporter(metrics, LocalControl(controller))
+    await reporter.report_once()
+    assert b"tpgate_class_drifted{" not in metrics.exposition()  # no verdict, no series
+    controller.report_drift("batch", {"drifted": True, "reason": "drifted: concurrency 64 vs 16",
+                                      "decision": "advise", "decision_reason": "", "valid_for_s": 90.0})
+    await reporter.report_once()
+    assert b'tpgate_class_drifted{class="batch"} 1.0' in metrics.exposition()
+    controller.report_drift("batch", {"drifted": False, "reason": "within bounds", "decision": "hold",
+                                      "decision_reason": "", "valid_for_s": 90.0})
+    await reporter.report_once()
+    assert b'tpgate_class_drifted{class="batch"} 0.0' in metrics.exposition()
