@@ -160,6 +160,13 @@ def test_a_drifted_class_is_retuned_and_its_winner_promoted_under_load_with_no_f
                        or "re-tune kept" in monitor_log.read_text() or "re-tune failed" in monitor_log.read_text()
                        or "re-tune rolled_back" in monitor_log.read_text() or monitor.poll() is not None,
                        timeout_s=220, what="the re-tune to end", poll_s=1.0)
+
+            def told_of_the_retune() -> bool:
+                verdict = gateway.status().get("drift", {}).get("batch", {})
+                return (verdict.get("retune") or {}).get("result") is not None
+
+            wait_until(told_of_the_retune, timeout_s=15, what="the gateway to hear how the re-tune ended")
+            seen, gateway_metrics = gateway.status(), gateway.metrics()
         finally:
             monitor.terminate()
             monitor.wait(timeout=30)
@@ -168,6 +175,13 @@ def test_a_drifted_class_is_retuned_and_its_winner_promoted_under_load_with_no_f
         assert "class batch: drifted: concurrency" in text, text
         assert "re-tune study batch-" in text and "the current tp2x1 mbs8 " in text, text
         assert "re-tune promoted" in text, text
+        # the gateway itself shows it: its state, its events, its own /metrics
+        verdict = seen["drift"]["batch"]
+        assert verdict["retune"]["result"] == "promoted" and not verdict["stale"], verdict
+        assert verdict["live"]["concurrency_mean"] > 0 and verdict["live"]["prompt_median"] < 1000, verdict
+        kinds = [e["kind"] for e in seen["events"] if e["route"] == "batch"]  # the latest 50: the promotion's last
+        assert "retune.promoted" in kinds, kinds
+        assert 'tpgate_class_drifted{class="batch"}' in gateway_metrics
 
         state = gateway.status()
         weights = state["routes"]["batch"]
