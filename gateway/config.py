@@ -55,11 +55,19 @@ class GpuTypeConfig(StrictModel):
     default_max_batch_size: int = Field(default=128, gt=0)
 
 
+LOOPBACK_ENGINE_HOST = "127.0.0.1"  # engines on one node listen here and need no key
+
+
 class EngineConfig(StrictModel):
     """How pools run their engines."""
 
     kind: Literal["sim", "lmdeploy"] = "sim"
     model_path: str | None = Field(default=None, description="lmdeploy: weights directory or hub id (default: model)")
+    host: str = Field(
+        default=LOOPBACK_ENGINE_HOST, min_length=1, pattern=r"^\S+$",
+        description="where engines listen: 127.0.0.1 (one node), 'auto' (each node's own address, as Ray knows it) "
+                    "or an address; any host but 127.0.0.1 makes every pool's engines require a key of their own "
+                    "(LMDeploy's --api-keys) that only the routers hold")
     time_scale: float = Field(default=1.0, gt=0, description="sim: run the simulated clock this many times faster")
     deviation_file: str | None = Field(default=None, description="sim: departures from the analytical model")
     extra_args: list[str] = Field(default_factory=list)
@@ -215,10 +223,20 @@ class ServerConfig(StrictModel):
         description="haproxy: Ray Serve's HAProxy direct ingress (4-5x less added latency), its listeners kept on "
         "loopback by gateway/cluster/haproxy_guard.py; standard: Serve's Python HTTP proxy (docs/benchmarks.md)",
     )
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        default="HeadOnly",
+        description="Ray Serve's HTTP ingress on the Ray head only, or on every node that runs a Serve replica "
+                    "(engines too: put a load balancer in front, and give server.host an address other nodes "
+                    "do not share)")
 
 
 class RouterConfig(StrictModel):
     replicas: int = Field(default=1, ge=1)
+    placement: Literal["gateway_node", "any_node"] = Field(
+        default="gateway_node",
+        description="gateway_node: router replicas run on the node that started the gateway, beside its controller, "
+                    "so losing a GPU node never takes a router (and the requests in it) along; any_node: wherever "
+                    "Ray Serve puts them")
     max_inflight_per_replica: int = Field(default=512, ge=1, description="per engine replica, before queueing")
     queue_timeout_s: float = Field(default=2.0, ge=0, description="wait for a slot, then 429")
     connect_timeout_s: float = Field(default=2.0, gt=0)
@@ -257,6 +275,8 @@ class AuthConfig(StrictModel):
     admin_token_file: str = "~/.tpgate/admin-token"
     ray_token_file: str = Field(default="~/.tpgate/ray-token",
                                 description="token of the Ray cluster tpgate starts (token authentication)")
+    engine_key_file: str = Field(default="~/.tpgate/engine-key",
+                                 description="seed of the per-pool engine keys (engines beyond 127.0.0.1 only)")
 
 
 class DriftClassConfig(StrictModel):

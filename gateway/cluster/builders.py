@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,22 @@ from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gateway.cluster.pool_replica import EnginePoolReplica
+from gateway.cluster.runtime import engine_key_seed
 from gateway.cluster.serve_env import router_env_vars
 from gateway.cluster.tuning_service import TUNING_SERVICE_NAME, TuningService
-from gateway.config import TpgateConfig
+from gateway.config import LOOPBACK_ENGINE_HOST, TpgateConfig
 from gateway.control.client import ControlClient
 from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
 from gateway.control.promotion import PromotionPolicy
 from gateway.control.state import Capacity, PoolSpec
+from gateway.dataplane.auth import engine_key
 from gateway.dataplane.metrics import GatewayMetrics
 from gateway.dataplane.router import Router, RouterSettings
 from gateway.dataplane.routing import RouteSlo
 from gateway.dataplane.upstream import Timeouts
 
 ROUTER_APP = "tpgate"
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries it
 POOL_APP_PREFIX = "pool-"
 # Serve's own concurrency cap on the router replica: requests never wait in Serve's queue; the router's
 # per-pool gates decide when to answer 429.
@@ -74,6 +77,8 @@ class ServePoolDeployer:
     startup_timeout_s: float
     stop_timeout_s: float
     health_check_period_s: float
+    engine_host: str = LOOPBACK_ENGINE_HOST
+    engine_key_seed: str | None = field(default=None, repr=False)  # engines beyond loopback: per-pool keys
 
     def deploy(self, pool: PoolSpec) -> None:
         """Deploy (or update) the pool's application; one deploy at a time in this process (see
@@ -100,6 +105,8 @@ class ServePoolDeployer:
             namespace=NAMESPACE,
             startup_timeout_s=self.startup_timeout_s,
             stop_timeout_s=self.stop_timeout_s,
+            host=self.engine_host,
+            api_key=None if self.engine_key_seed is None else engine_key(self.engine_key_seed, pool.id),
         )
         serve._run(app, _blocking=False, name=pool_app_name(pool.id), route_prefix=None)
 
@@ -172,6 +179,7 @@ def controller_settings(config: TpgateConfig, capacity: Capacity) -> ControllerS
         store_path=str(Path(config.state_file).expanduser()),
         gateway_url=f"http://{config.server.host}:{config.server.port}",
         promotion_policies={name: promotion_policy(config, name) for name in config.classes},
+        engine_key_seed=engine_key_seed(config),
     )
     return replace(settings, digest=hashlib.sha256(repr(settings).encode()).hexdigest()[:16])
 
@@ -193,6 +201,8 @@ def pool_deployer(config: TpgateConfig) -> ServePoolDeployer:
         startup_timeout_s=config.engine.startup_timeout_s,
         stop_timeout_s=config.engine.stop_timeout_s,
         health_check_period_s=config.engine.health_check_period_s,
+        engine_host=config.engine.host,
+        engine_key_seed=engine_key_seed(config),
     )
 
 
@@ -242,6 +252,14 @@ def find_tuning_service() -> Any | None:
         return None
 
 
+def router_placement(config: TpgateConfig) -> dict[str, Any]:
+    """Where router replicas run (``router.placement``): on this node (``gateway_node``: a label selector on Ray's
+    node id), or anywhere."""
+    if config.router.placement == "any_node":
+        return {}
+    return {"label_selector": {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}}
+
+
 def deploy_router(config: TpgateConfig, settings: RouterSettings, *, environ: Mapping[str, str]) -> None:
     """The router's application; its replicas get Serve's request-path settings of
     :func:`gateway.cluster.serve_env.router_env_vars` (``environ`` overrides each)."""
@@ -249,7 +267,8 @@ def deploy_router(config: TpgateConfig, settings: RouterSettings, *, environ: Ma
         RouterDeployment,
         name="router",
         num_replicas=config.router.replicas,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": router_env_vars(environ)}},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": router_env_vars(environ)},
+                           **router_placement(config)},
         logging_config={"enable_access_log": config.router.serve_access_log},
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,

@@ -85,7 +85,8 @@ def running_gateway(
 
             from gateway.cluster import builders
 
-            serve.start(http_options={"host": config.server.host, "port": config.server.port})
+            serve.start(proxy_location=config.server.proxy_location,
+                        http_options={"host": config.server.host, "port": config.server.port})
             client = ControlClient(name=builders.CONTROLLER_NAME, namespace=builders.NAMESPACE)
             controller = tuning = None
             try:

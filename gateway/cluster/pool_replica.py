@@ -6,6 +6,10 @@ makes, the replica tells the controller "my engine is healthy at URL" (or that i
 that left routing after a slow probe, or while the controller restarted, comes back by itself. Serve's health
 check fails when the engine does not answer, and after three failures in a row Serve replaces the replica.
 Requests never pass through this class: routers talk to the engine's HTTP endpoint directly.
+
+The engine listens on ``host``: loopback on one node; on a cluster (``engine.host: auto``) the node's own address,
+so that routers on other nodes reach it, with the pool's key (``api_key``, LMDeploy's ``--api-keys``) required on
+every path but ``/health``.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import ray
 from ray import serve
 
 from gateway.cluster.engine_process import EngineProcess
-from gateway.cluster.procutil import free_loopback_port
+from gateway.cluster.procutil import free_port
+from gateway.config import LOOPBACK_ENGINE_HOST
 from gateway.engines import get_launcher
 from gateway.engines.base import EngineSpec
 
 logger = logging.getLogger("ray.serve")
 
-ENGINE_HOST = "127.0.0.1"
+AUTO_HOST = "auto"  # the node's own address, as Ray knows it
 HEALTH_TIMEOUT_S = 5.0
 CONTROLLER_CALL_TIMEOUT_S = 2.0
 
@@ -91,6 +96,8 @@ class EnginePoolReplica:
         namespace: str,
         startup_timeout_s: float,
         stop_timeout_s: float,
+        host: str = LOOPBACK_ENGINE_HOST,
+        api_key: str | None = None,
     ) -> None:
         self._pool_id = pool_id
         self._stop_timeout_s = stop_timeout_s
@@ -101,9 +108,10 @@ class EnginePoolReplica:
         self._session = aiohttp.ClientSession()
         launcher = get_launcher(spec.engine)
         gpu_ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-        port = free_loopback_port()
-        url = f"http://{ENGINE_HOST}:{port}"
-        argv = launcher.command(spec, host=ENGINE_HOST, port=port)
+        host = ray.util.get_node_ip_address() if host == AUTO_HOST else host
+        port = free_port(host)
+        url = f"http://{host}:{port}"
+        argv = launcher.command(spec, host=host, port=port, api_key=api_key)
         self._engine = await EngineProcess.start(argv, url=url, env=launcher.environment(spec, gpu_ids=gpu_ids))
         logger.info("pool %s: engine pid %d on %s, GPUs %s", pool_id, self._engine.pid, url, gpu_ids)
         try:

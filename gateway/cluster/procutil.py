@@ -20,6 +20,11 @@ def die_with_parent() -> None:
 
 def free_loopback_port() -> int:
     """A TCP port free on 127.0.0.1 right now (whoever needs it binds it a moment later)."""
+    return free_port(LOOPBACK_V4)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` (an IPv4 address of this machine) right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK_V4, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])

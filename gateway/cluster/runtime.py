@@ -22,7 +22,7 @@ from typing import Any
 from gateway.cluster import haproxy_guard, serve_env
 from gateway.cluster.ports import check_ports_free
 from gateway.cluster.ray_logs import driver_log_path, ray_logs_to
-from gateway.config import TpgateConfig
+from gateway.config import LOOPBACK_ENGINE_HOST, TpgateConfig
 from gateway.dataplane.auth import secret_digest
 from gateway.errors import UserError
 
@@ -61,6 +61,19 @@ def ensure_secret_file(path_text: str, *, what: str, secret: str) -> Path:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UserError(f"{path}: {what} must not be readable by others (chmod 600 {path})")
     return path
+
+
+def engine_key_seed(config: TpgateConfig) -> str | None:
+    """The seed of the per-pool engine keys (:func:`gateway.dataplane.auth.engine_key`), from
+    ``auth.engine_key_file`` (created if missing) — only where engines listen beyond 127.0.0.1 (``engine.host``);
+    None on one node, where engines listen on loopback and need no key."""
+    if config.engine.host == LOOPBACK_ENGINE_HOST:
+        return None
+    path = ensure_secret_file(config.auth.engine_key_file, what="the engine key file", secret=secrets.token_hex(32))
+    seed = path.read_text().strip()
+    if not seed:
+        raise UserError(f"{path}: the engine key file is empty")
+    return seed
 
 
 def ray_auth_environment(config: TpgateConfig) -> dict[str, str]:

@@ -52,6 +52,7 @@ from gateway.control.state import (
     validate_state,
 )
 from gateway.control.store import StateStore, StoredState, StoreError
+from gateway.dataplane.auth import engine_key
 from gateway.dataplane.routing import STOP_PHASES, Endpoint, PoolView, RouteSlo, RoutingTable, StopPhase
 from gateway.exposition import Samples
 
@@ -112,6 +113,7 @@ class ControllerSettings:
     store_path: str | None = None
     gateway_url: str = ""  # where clients reach the gateway (for status readers such as the tuner)
     promotion_policies: Mapping[str, PromotionPolicy] = field(default_factory=dict)  # class -> how it is promoted
+    engine_key_seed: str | None = field(default=None, repr=False)  # engines beyond loopback: per-pool keys
     digest: str = ""
 
 
@@ -396,6 +398,7 @@ class Controller:
     def routing_table(self) -> RoutingTable:
         self._ensure_background_tasks()
         desired = self._desired
+        seed = self._settings.engine_key_seed
         pools = {
             pool_id: PoolView(
                 id=pool_id,
@@ -404,6 +407,7 @@ class Controller:
                 endpoints=tuple(Endpoint(r, url) for r, url in sorted(self._endpoints.endpoints(pool_id).items())),
                 time_scale=pool.engine.time_scale if pool.engine.engine == "sim" else 1.0,
                 simulated=pool.engine.engine == "sim",
+                api_key=None if seed is None else engine_key(seed, pool_id),
             )
             for pool_id, pool in desired.pools.items()
         }

@@ -18,6 +18,13 @@ def secret_digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def engine_key(seed: str, pool_id: str) -> str:
+    """The key a pool's engines require (LMDeploy's ``--api-keys``) and routers send to them: HMAC-SHA256 of the
+    pool id under the gateway's engine key seed. A restarted controller derives the same keys; one pool's key
+    opens no other pool."""
+    return hmac.new(seed.encode(), f"tpgate-engine:{pool_id}".encode(), hashlib.sha256).hexdigest()
+
+
 def bearer_token(scope: Scope) -> str | None:
     value = header(scope, b"authorization")
     if value is None:

@@ -32,6 +32,7 @@ import json
 import logging
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ STOPPING_MESSAGE = "the gateway is stopping"
 STOPPED_STATUS = "503"  # the status recorded for a request the gateway ended because it stops
 FRONT_STAMP = FRONT_RECEIVED_HEADER.encode()
 ADMIN_PREFIX = "/admin/"
+ENGINE_METRICS_PATH = "/admin/engine-metrics"  # an engine's /metrics relayed with its pool's key
+ENGINE_METRICS_TIMEOUT_S = 10.0
 
 
 class AdminSurface(Protocol):
@@ -202,6 +205,7 @@ class Router:
             ("GET", "/health"): self._health,
             ("GET", "/admin/status"): self._admin_status,
             ("GET", "/admin/engine-targets"): self._engine_targets,
+            ("GET", ENGINE_METRICS_PATH): self._engine_metrics,
         }
         self._paths = {path for _, path in self._handlers}
         # in the handlers' order, the hot paths first: Serve tries them in turn on every request
@@ -381,9 +385,31 @@ class Router:
 
     async def _engine_targets(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The engines to scrape, in Prometheus' HTTP service-discovery format (``http_sd_configs``), labelled
-        with their pool and replica: Prometheus follows pools as they come and go (admin token)."""
+        with their pool and replica: Prometheus follows pools as they come and go (admin token). An engine that
+        requires its pool's key is scraped through this gateway (:meth:`_engine_metrics`), which holds the key."""
         require_admin(scope, self._settings.admin_token_digest)
-        await send_json(send, 200, engine_targets(self._table))
+        await send_json(send, 200, engine_targets(self._table, gateway_address=header(scope, b"host") or ""))
+
+    async def _engine_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``?pool=P&replica=R``: that engine's ``/metrics``, fetched with its pool's key (admin token)."""
+        require_admin(scope, self._settings.admin_token_digest)
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        pool = self._table.pools.get((query.get("pool") or [""])[0])
+        replica = (query.get("replica") or [""])[0]
+        endpoint = next((e for e in pool.endpoints if e.replica_id == replica), None) if pool is not None else None
+        if pool is None or endpoint is None:
+            raise ApiError(404, "no such engine replica in the routing table", param="replica")
+        assert self._session is not None, "router used before its lifespan started"
+        headers = {} if pool.api_key is None else {"authorization": f"Bearer {pool.api_key}"}
+        try:
+            async with self._session.get(endpoint.url + "/metrics", headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=ENGINE_METRICS_TIMEOUT_S)) as resp:
+                body, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(502, f"engine {replica} of pool {pool.id} did not answer /metrics: {exc!r}") from None
+        if status != 200:
+            raise ApiError(502, f"engine {replica} of pool {pool.id} answered /metrics with {status}")
+        await send_bytes(send, 200, body, [(b"content-type", b"text/plain; version=0.0.4")])
 
     def _require_table(self) -> None:
         if not self._table.published:
@@ -544,7 +570,7 @@ class Router:
         )
         try:
             resp = await post(self._session, endpoint.url + path, body, timeouts,
-                              first_byte_deadline=options.first_byte_deadline)
+                              first_byte_deadline=options.first_byte_deadline, api_key=pool.api_key)
             if stream and resp.status == 200:
                 await relay_stream(resp, send, request.outcome, options)
             else:
@@ -586,11 +612,22 @@ class Router:
                 series.slo_met.inc()
 
 
-def engine_targets(table: RoutingTable) -> list[dict[str, Any]]:
-    """One Prometheus HTTP SD target group per healthy engine replica."""
-    return [{"targets": [endpoint.url.split("://", 1)[-1]],
-             "labels": {"pool": pool.id, "replica": endpoint.replica_id, "tp": str(pool.tp)}}
-            for pool in table.pools.values() for endpoint in pool.endpoints]
+def engine_targets(table: RoutingTable, *, gateway_address: str) -> list[dict[str, Any]]:
+    """One Prometheus HTTP SD target group per healthy engine replica: the engine itself, or — for a pool whose
+    engines require its key, which Prometheus does not hold — this gateway's :data:`ENGINE_METRICS_PATH`, reached
+    at ``gateway_address`` (where Prometheus found the targets)."""
+    groups = []
+    for pool in table.pools.values():
+        for endpoint in pool.endpoints:
+            engine = endpoint.url.split("://", 1)[-1]
+            labels = {"pool": pool.id, "replica": endpoint.replica_id, "tp": str(pool.tp), "engine": engine}
+            if pool.api_key is None:
+                groups.append({"targets": [engine], "labels": labels})
+            else:
+                groups.append({"targets": [gateway_address], "labels": {
+                    **labels, "__metrics_path__": ENGINE_METRICS_PATH, "__param_pool": pool.id,
+                    "__param_replica": endpoint.replica_id}})
+    return groups
 
 
 def _served_by(request: _Request) -> list[tuple[str, str]]:

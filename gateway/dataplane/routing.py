@@ -60,6 +60,7 @@ class PoolView:
     endpoints: tuple[Endpoint, ...] = ()  # registered and healthy
     time_scale: float = 1.0  # how much faster than real time the engine's clock runs (simulated engines)
     simulated: bool = False
+    api_key: str | None = field(default=None, repr=False)  # what the pool's engines require (beyond loopback)
 
 
 @dataclass(frozen=True)

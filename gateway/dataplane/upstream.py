@@ -56,13 +56,15 @@ def new_session() -> aiohttp.ClientSession:
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, body: bytes, timeouts: Timeouts, *, first_byte_deadline: float
+    session: aiohttp.ClientSession, url: str, body: bytes, timeouts: Timeouts, *, first_byte_deadline: float,
+    api_key: str | None = None,
 ) -> aiohttp.ClientResponse:
     """POST and return once the response headers are in (by ``first_byte_deadline``, loop time); map failures
-    to :class:`UpstreamFailure`."""
+    to :class:`UpstreamFailure`. ``api_key``: the pool's engine key, where its engines require one."""
+    headers = UPSTREAM_HEADERS if api_key is None else {**UPSTREAM_HEADERS, "authorization": f"Bearer {api_key}"}
     try:
         async with asyncio.timeout_at(first_byte_deadline):
-            resp = await session.post(url, data=body, headers=UPSTREAM_HEADERS, timeout=timeouts.client_timeout())
+            resp = await session.post(url, data=body, headers=headers, timeout=timeouts.client_timeout())
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamFailure("connect", f"no connection to the engine within {timeouts.connect_s:g} s",
                               retryable=True) from None
@@ -76,6 +78,9 @@ async def post(
     if resp.status in RETRYABLE_STATUSES:
         resp.release()
         raise UpstreamFailure("status", f"engine answered {resp.status}", retryable=True)
+    if resp.status == 401:  # the engine wants a key the gateway did not send or another one: not the client's doing
+        resp.release()
+        raise UpstreamFailure("status", "engine refused the gateway's engine key (401)", retryable=True)
     return resp
 
 

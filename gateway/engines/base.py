@@ -33,13 +33,15 @@ class EngineLauncher(Protocol):
     """Builds the command line and environment of one engine process.
 
     Implementations are pure: they start nothing. The pool replica runs the command in its own process
-    group, on a loopback port it picked, with the GPUs Ray assigned.
+    group, on a port it picked on the configured host (loopback unless ``engine.host`` says otherwise), with the
+    GPUs Ray assigned.
     """
 
     name: str
 
-    def command(self, spec: EngineSpec, *, host: str, port: int) -> list[str]:
-        """argv of the engine process, serving on ``host:port``."""
+    def command(self, spec: EngineSpec, *, host: str, port: int, api_key: str | None = None) -> list[str]:
+        """argv of the engine process, serving on ``host:port``; with ``api_key``, requiring it (LMDeploy's
+        ``--api-keys``) on every path but ``/health``."""
         ...
 
     def environment(self, spec: EngineSpec, *, gpu_ids: Sequence[str]) -> Mapping[str, str]:

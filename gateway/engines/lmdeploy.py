@@ -39,8 +39,9 @@ class LmdeployLauncher:
         """The part of the command before LMDeploy's own arguments (``serve api_server ...``)."""
         return [self.python, "-m", "lmdeploy"]
 
-    def command(self, spec: EngineSpec, *, host: str, port: int) -> list[str]:
-        """argv of ``lmdeploy serve api_server`` for ``spec``, serving on ``host:port``.
+    def command(self, spec: EngineSpec, *, host: str, port: int, api_key: str | None = None) -> list[str]:
+        """argv of ``lmdeploy serve api_server`` for ``spec``, serving on ``host:port`` (with ``api_key``:
+        ``--api-keys``, which LMDeploy requires on every path but ``/health``).
 
         Knobs left as ``None`` (``max_batch_size``, ``session_len``) are omitted so LMDeploy applies its own
         default (by GPU type, and the model's context length). ``spec.extra_args`` come last, verbatim.
@@ -75,6 +76,8 @@ class LmdeployLauncher:
             argv += ["--session-len", str(knobs.session_len)]
         if spec.tp > 1:
             argv += ["--distributed-executor-backend", PYTORCH_MULTI_GPU_EXECUTOR]
+        if api_key is not None:
+            argv += ["--api-keys", api_key]
         argv += spec.extra_args
         return argv
 

@@ -27,6 +27,7 @@ from tests.integration.test_fuzz import send
 pytestmark = pytest.mark.integration
 
 ADMIN_ROUTES = ("/admin/status", "/admin/engine-targets")
+TOKEN_ROUTES = (*ADMIN_ROUTES, "/admin/engine-metrics")  # the last relays one engine's /metrics (?pool=&replica=)
 REQUEST_TIMEOUT_S = 30.0
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -42,7 +43,7 @@ def call(gateway, method: str, path: str, token: str | None, extra: dict[str, st
 
 
 @FUZZ
-@given(path=st.sampled_from(ADMIN_ROUTES), query=query_text,
+@given(path=st.sampled_from(TOKEN_ROUTES), query=query_text,
        token=st.sampled_from([None, API_KEY, BATCH_KEY, "", "admin", "x" * 300]) | st.text(
            alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=60))
 def test_without_the_admin_token_every_admin_route_is_401_and_tells_nothing(gateway, path, query, token):

@@ -16,7 +16,7 @@ class SimLauncher:
     def __init__(self, *, python: str | None = None) -> None:
         self._python = python or sys.executable
 
-    def command(self, spec: EngineSpec, *, host: str, port: int) -> list[str]:
+    def command(self, spec: EngineSpec, *, host: str, port: int, api_key: str | None = None) -> list[str]:
         knobs = spec.knobs
         argv = [
             self._python, "-m", "gateway.cli", "engine", "sim",
@@ -37,6 +37,8 @@ class SimLauncher:
             argv += ["--session-len", str(knobs.session_len)]
         if spec.deviation_file is not None:
             argv += ["--deviation", spec.deviation_file]
+        if api_key is not None:
+            argv += ["--api-keys", api_key]
         return argv + list(spec.extra_args)
 
     def environment(self, spec: EngineSpec, *, gpu_ids: Sequence[str]) -> Mapping[str, str]:

@@ -44,7 +44,9 @@ from gateway.errors import ERROR_TYPE_BY_STATUS, ApiError, error_body
 from gateway.planner.perf import StepCostModel
 
 OWNED_BY = "tpgate-simulator"
-AUTH_EXEMPT_PREFIXES = ("/health", "/docs", "/redoc", "/nodes")  # LMDeploy 0.18's AuthenticationMiddleware
+# LMDeploy 0.18's AuthenticationMiddleware, and the simulator's own read-only clock statistics (the tuner reads
+# them to convert a trial's figures; LMDeploy has no such path)
+AUTH_EXEMPT_PREFIXES = ("/health", "/docs", "/redoc", "/nodes", "/sim/")
 MAX_BODY_BYTES = 16 * 1024**2
 
 SETUP = web.AppKey("setup", SimEngineSetup)

@@ -87,6 +87,16 @@ async def test_apply_deploys_pools_and_bumps_the_version(controller, deployer):
     assert table.pools["a"].endpoints == () and table.epoch == controller.epoch
 
 
+async def test_with_an_engine_key_seed_each_pool_in_the_table_carries_its_own_key(capacity, deployer):
+    from gateway.dataplane.auth import engine_key
+
+    controller = Controller(settings_for(capacity, engine_key_seed="seed"), deployer)
+    await controller.apply(two_pools())
+    pools = controller.routing_table().pools
+    assert pools["a"].api_key == engine_key("seed", "a") != pools["b"].api_key == engine_key("seed", "b")
+    assert "seed" not in repr(controller._settings) and engine_key("seed", "a") not in repr(pools["a"])
+
+
 async def test_endpoints_appear_in_the_table_and_wake_watchers(controller):
     await controller.apply(two_pools())
     table = controller.routing_table()

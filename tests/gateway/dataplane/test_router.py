@@ -724,3 +724,49 @@ async def test_each_replica_serves_its_own_metrics_and_lists_itself_for_promethe
             text = await resp.text()
     assert 'tpgate_requests_total{class="interactive",pool="pa",status="200"} 1.0' in text
     assert list((tmp_path / "targets").iterdir()) == []  # removed when the replica stopped
+
+
+async def test_a_pool_whose_engines_require_a_key_gets_it_from_the_router_never_the_clients():
+    from gateway.engines.sim.config import SimEngineConfig, resolve
+    from gateway.engines.sim.server import build_app
+
+    setup = resolve(SimEngineConfig.from_values({"model": MODEL, "time_scale": 1000}))
+    runner = web.AppRunner(build_app(setup, api_keys=("pool-key",)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    engine_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    keyed = PoolView("pa", 1, 1, (Endpoint("r1", engine_url),), api_key="pool-key")
+    assert "pool-key" not in repr(keyed)  # tables and pools are logged; the key is not
+    table = RoutingTable(version=1, epoch="e1", model=MODEL, classes=("interactive",), default_class="interactive",
+                         routes={"interactive": {"pa": 1.0}}, pools={"pa": keyed})
+    router = await start_router(table, api_key_classes={secret_digest("sk-client"): None},
+                                admin_token_digest=secret_digest("admin"))
+    admin = {"Authorization": "Bearer admin"}
+    try:
+        async with serve_asgi(router) as url, aiohttp.ClientSession() as session:
+            await router.wait_for_table(2)
+            served = await post(session, url, chat(max_tokens=2), headers={"Authorization": "Bearer sk-client"})
+            assert served[0] == 200, served
+            # Prometheus scrapes such an engine through the gateway, which holds the key
+            async with session.get(url + "/admin/engine-targets", headers=admin) as resp:
+                [group] = await resp.json()
+            gateway_address = url.split("://")[1]
+            assert group["targets"] == [gateway_address] and group["labels"]["engine"] == engine_url.split("//")[1]
+            assert group["labels"]["__metrics_path__"] == "/admin/engine-metrics"
+            query = {"pool": group["labels"]["__param_pool"], "replica": group["labels"]["__param_replica"]}
+            async with session.get(url + "/admin/engine-metrics", params=query, headers=admin) as resp:
+                assert resp.status == 200 and "lmdeploy:" in await resp.text()
+            async with session.get(url + "/admin/engine-metrics", params=query) as resp:
+                assert resp.status == 401
+            async with session.get(url + "/admin/engine-metrics", params={"pool": "pa", "replica": "no"},
+                                   headers=admin) as resp:
+                assert resp.status == 404
+            wrong_key = dataclasses.replace(keyed, api_key="wrong")
+            router.apply_table(dataclasses.replace(table, version=2, pools={"pa": wrong_key}))
+            refused = await post(session, url, chat(max_tokens=2), headers={"Authorization": "Bearer sk-client"})
+    finally:
+        await runner.cleanup()
+    assert refused[0] == 502  # the engine's 401 is the gateway's fault, not the client's
+    assert "engine key" in json.loads(refused[2])["error"]["message"]
+    assert metric(router, "tpgate_upstream_errors_total", pool="pa", reason="status") >= 1

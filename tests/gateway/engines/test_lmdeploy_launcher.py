@@ -249,3 +249,13 @@ def test_installed_lmdeploy_is_the_release_the_launcher_targets(lmdeploy_cli):
     lmdeploy, _, _ = lmdeploy_cli
     assert lmdeploy.__version__ == LMDEPLOY_VERSION
     assert importlib.util.find_spec("lmdeploy.__main__") is not None  # `python -m lmdeploy` runs its CLI
+
+
+def test_lmdeploy_parses_the_pools_engine_key_and_its_node_address(lmdeploy_cli):
+    """On a cluster the engine listens on its node's address and requires the pool's key (``--api-keys``)."""
+    spec = CONTRACT_CASES["pytorch-tp2-mp-extra-args"]
+    argv = LmdeployLauncher().command(spec, host="10.0.0.7", port=PORT, api_key="k" * 64)
+    args = parse_with_lmdeploy(lmdeploy_cli, argv)
+    assert args.api_keys == ["k" * 64] and args.server_name == "10.0.0.7"
+    assert args.log_level == "INFO"  # the extra args still come last and still parse
+    assert "--api-keys" not in LmdeployLauncher().command(spec, host=HOST, port=PORT)

@@ -1,5 +1,6 @@
 """The simulated engine's ``--api-keys``, as LMDeploy 0.18's: a bearer token from the list is needed everywhere but
-on OPTIONS and under /health, /docs, /redoc and /nodes (so /metrics needs it too); without one, 401."""
+on OPTIONS and under /health, /docs, /redoc and /nodes (so /metrics needs it too); without one, 401. The
+simulator's own clock statistics (/sim/stats, read by the tuner) are open too."""
 
 import aiohttp
 import pytest
@@ -37,8 +38,9 @@ async def test_without_a_listed_key_requests_are_401(engine, method, path, body)
             assert resp.status == 200
 
 
-async def test_health_needs_no_key(engine):
-    async with aiohttp.ClientSession() as session, session.get(engine + "/health") as resp:
+@pytest.mark.parametrize("path", ["/health", "/sim/stats"])
+async def test_health_and_the_simulators_clock_need_no_key(engine, path):
+    async with aiohttp.ClientSession() as session, session.get(engine + path) as resp:
         assert resp.status == 200
 
 

@@ -94,3 +94,10 @@ def test_a_forward_budget_below_one_kv_block_is_refused():
                                              "max_prefill_token_num": 1}))
     limits = resolve(SimEngineConfig.from_values({"model": "llama-2-7b", "gpu": "a100-80gb"})).limits
     assert (limits.max_batch_size, limits.max_forward_tokens, limits.max_context_tokens) == (384, 8576, 4096)
+
+
+def test_the_pools_engine_key_is_passed_as_lmdeploys_flag():
+    spec = EngineSpec(engine="sim", model="llama-3-8b", served_model_name="m", gpu="a100-80gb", tp=1)
+    argv = SimLauncher().command(spec, host="127.0.0.2", port=8001, api_key="pool-key")
+    args = build_parser().parse_args(argv[argv.index("engine"):])
+    assert args.api_keys == ["pool-key"] and args.host == "127.0.0.2"
