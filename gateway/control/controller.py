@@ -361,9 +361,21 @@ class Controller:
                 f"the route promotion {last.id} replaced had {len(last.old_pools)} pools; set them again with "
                 "POST /admin/pools and PUT /admin/routes/{class}"))
         (previous,) = last.old_pools.values()
-        pool_id = previous.id if previous.id not in self._desired.pools else f"{previous.id[:44]}-rb"
+        running = self._desired.pools.get(previous.id)
+        if running == previous:  # another class's route kept it, as it was: route the class straight back
+            return await self._route_back(class_name, last.id, previous.id, last.candidate.id)
+        pool_id = previous.id if running is None else f"{previous.id[:44]}-rb"
         return await self.start_promotion(class_name, replace(previous, id=pool_id),
                                           source=f"rollback of {last.id}", judge=False)
+
+    async def _route_back(self, class_name: str, promotion_id: str, pool_id: str, promoted_id: str) -> dict[str, Any]:
+        """The class back on ``pool_id`` at once; the promoted pool drained and removed unless another route uses
+        it. No new pool, so no room to make: the pool it replaced never left."""
+        await self._set_route(class_name, {pool_id: 1.0})
+        if promoted_id in self._desired.pools and not any(promoted_id in w for w in self._desired.routes.values()):
+            await self._remove_pool(promoted_id)
+        reason = f"rolled back by the operator: class {class_name} back on {pool_id}, which still ran"
+        return promotion_to_dict(await self._promotions.mark_undone(promotion_id, reason))
 
     def report_metrics(self, router_id: str, samples: Samples) -> dict[str, Any]:
         """A router's series of the classes under promotion. Returns what it should report next time (the classes)

@@ -147,6 +147,18 @@ class PromotionDriver:
             await self._apply(transition)
             return self._promotions[promotion_id]
 
+    async def mark_undone(self, promotion_id: str, reason: str) -> Promotion:
+        """Record that a succeeded promotion was undone outside the driver (its class routed straight back to the
+        pools it replaced, which still ran): ``rolled_back`` with ``reason``."""
+        async with self._lock:
+            promotion = replace(self.get(promotion_id), phase="rolled_back", reason=reason,
+                                updated_s=self._wall_clock())
+            self._promotions[promotion_id] = promotion
+            self._host.record_event("promotion.rolled_back", f"promotion {promotion_id}: {reason}",
+                                    pool=promotion.candidate.id, route=promotion.class_name)
+            await self._save()
+            return promotion
+
     async def abort(self, promotion_id: str, reason: str) -> Promotion:
         """Roll an active promotion back now (a finished one is returned as it is)."""
         async with self._lock:

@@ -197,3 +197,34 @@ async def test_rolling_back_a_finished_promotion_brings_the_old_pool_back(capaci
     assert controller.desired_state().routes["batch"] == {"old": 1.0} and "new" not in controller.desired_state().pools
     with pytest.raises(StateError, match="no promotion to roll back"):
         await controller.rollback_class("interactive")
+
+
+async def test_rolling_back_onto_a_pool_another_class_kept_routes_straight_back_and_drops_the_promoted_one(
+        capacity, clocks):
+    deployer = RecordingDeployer()
+    controller = make_controller(capacity, deployer, clocks)
+    old, other = make_pool("old", tp=1, replicas=2), make_pool("other", tp=1)
+    await controller.apply(DesiredState(pools={"old": old, "other": other},
+                                        routes={"batch": {"old": 1.0}, "interactive": {"other": 0.5, "old": 0.5}}))
+    for replica in ("r1", "r2"):
+        controller.register_endpoint("old", replica, f"http://127.0.0.1:90{replica[-1]}")
+    promotion = await controller.start_promotion("batch", make_pool("new", tp=1), source="study s1")
+    controller.register_endpoint("new", "n1", "http://127.0.0.1:9101")
+    router = Router(controller)
+    _, wall = clocks
+    await ticks(controller, wall, 2, router)
+    for _ in range(14):
+        router.serve("new", 2)
+        router.serve("old", 2)
+        await ticks(controller, wall, 1, router)
+    assert controller.promotion(promotion["id"])["phase"] == "succeeded"
+    assert "old" in controller.desired_state().pools  # interactive kept it
+    deployed = list(deployer.deployed)
+    back = await controller.rollback_class("batch")
+    assert back["id"] == promotion["id"] and back["phase"] == "rolled_back"
+    assert back["reason"] == "rolled back by the operator: class batch back on old, which still ran"
+    state = controller.desired_state()
+    assert state.routes["batch"] == {"old": 1.0} and "new" not in state.pools
+    assert deployer.deployed == deployed  # no copy of the old pool: it never left
+    events = [e["kind"] for e in controller.status()["events"]]
+    assert events[-1] == "promotion.rolled_back"
