@@ -11,7 +11,10 @@ is the sum over its processes (a replaced process shows as a step, and is report
 Growth is judged on the second half of the run (after warm-up): the least-squares slope of each role's memory and
 descriptors, in MiB and descriptors per 10 minutes.
 
-The admin API (online study, promotion, rollback) is not exercised: it is not part of this version.
+Meanwhile the admin API runs its story (``--story-at-s`` into the run): an online study of class ``batch`` on the
+two GPUs the production pools leave free (two trials, a light load profile of its own), the promotion of its
+winner (steps 50 % then 100 %, each judged), then a rollback to the pool it replaced; each stage's start, end and
+outcome are in the summary (``story``).
 
     nice -n 10 .venv/bin/python benchmarks/soak.py --duration-s 600 --json benchmarks/results/soak.json
 """
@@ -33,6 +36,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -41,8 +46,9 @@ import psutil
 CONFIG = """
 model: llama-3-8b
 gpu: h100-80gb
-gpus: 4
+gpus: 6
 engine: {{time_scale: 10, health_check_period_s: 2, stop_timeout_s: 5}}
+promotion: {{steps: [0.5, 1.0], dwell_s: 10, min_requests: 10, check_period_s: 2}}
 pools:
   fast-tp1: {{tp: 1, replicas: 2}}
   wide-tp2: {{tp: 2, replicas: 1}}
@@ -56,7 +62,15 @@ state_file: {workdir}/state.json
 MODEL = "llama-3-8b"
 ROLES = (("ray::ServeReplica:tpgate:router", "router"), ("ray::ServeReplica:pool-", "pool replica"),
          ("ray::Controller", "controller"), ("ray::ServeController", "serve controller"),
-         ("ray::ProxyActor", "serve proxy"), ("ray::HAProxyManager", "haproxy manager"))
+         ("ray::ProxyActor", "serve proxy"), ("ray::HAProxyManager", "haproxy manager"),
+         ("ray::TuningService", "tuning service"))
+STUDY = {"class": "batch", "trials": 2, "max_gpus": 2, "warmup_s": 5, "window_s": 20, "seed": 0,
+         "profile": {"description": "the soak's study: a light closed loop", "users": 4,
+                     "arrival": {"kind": "closed", "think_time_s": {"kind": "fixed", "value": 0.2}},
+                     "prompt_tokens": {"kind": "fixed", "value": 200}, "output_tokens": {"kind": "fixed", "value": 64},
+                     "stream": True, "api": "chat", "workload_class": {"name": "batch", "via": "header"},
+                     "duration_s": 3600, "warmup_s": 0, "max_requests": 1000000}}
+STAGE_TIMEOUT_S = 420.0
 
 
 def role_of(process: psutil.Process, root_pid: int) -> str | None:
@@ -120,6 +134,72 @@ def one_request(port: int, n: int) -> str:
         connection.close()
 
 
+class AdminStory:
+    """The admin API's part of the soak: study, promote its winner, roll back — one stage after another, in a
+    thread; ``stages`` records each (name, start and end in run seconds, outcome)."""
+
+    def __init__(self, port: int, token: str, started: float) -> None:
+        self._base = f"http://127.0.0.1:{port}"
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._started = started
+        self.stages: list[dict] = []
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            study = self._stage("study", "POST", "/admin/tuning", STUDY, poll=lambda s: f"/admin/tuning/{s['id']}",
+                                done=lambda s: s["state"] != "running", outcome=lambda s: f"{s['state']}: best "
+                                f"{(s.get('best') or {}).get('label')}", stop=stop)
+            if study is None or not study.get("best"):
+                return
+            promotion = self._stage("promotion", "POST", f"/admin/tuning/{study['id']}/promote", {},
+                                    poll=lambda p: f"/admin/promotions/{p['id']}", done=_promotion_ended,
+                                    outcome=_promotion_outcome, stop=stop)
+            if promotion is None or promotion["phase"] != "succeeded":
+                return
+            self._stage("rollback", "POST", "/admin/routes/batch/rollback", None,
+                        poll=lambda p: f"/admin/promotions/{p['id']}", done=_promotion_ended,
+                        outcome=_promotion_outcome, stop=stop)
+        except urllib.error.HTTPError as exc:  # a refusal: said in the summary with the gateway's reason
+            refusal = f"{exc.code}: {exc.read()[:500]!r}"
+            self.stages.append({"stage": "refused", "at_s": self._now(), "outcome": refusal})
+        except (OSError, ValueError, KeyError) as exc:  # said in the summary, not fatal to the soak
+            self.stages.append({"stage": "error", "at_s": self._now(), "outcome": repr(exc)})
+
+    def _stage(self, name, method, path, body, *, poll, done, outcome, stop):
+        stage = {"stage": name, "start_s": self._now()}
+        self.stages.append(stage)
+        print(f"soak: {name} starts at {stage['start_s']:.0f} s", flush=True)
+        answer = self._call(method, path, body)
+        deadline = time.monotonic() + STAGE_TIMEOUT_S
+        while not done(answer):
+            if stop.is_set() or time.monotonic() > deadline:
+                stage.update(end_s=self._now(), outcome="unfinished")
+                return None
+            time.sleep(2)
+            answer = self._call("GET", poll(answer))
+        stage.update(end_s=self._now(), outcome=outcome(answer))
+        print(f"soak: {name} ended at {stage['end_s']:.0f} s: {stage['outcome']}", flush=True)
+        return answer
+
+    def _call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self._base + path, data=data, headers=self._headers, method=method)
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return json.loads(resp.read())
+
+    def _now(self) -> float:
+        return round(time.monotonic() - self._started, 1)
+
+
+def _promotion_ended(promotion: dict) -> bool:
+    return promotion["phase"] in ("succeeded", "rolled_back")
+
+
+def _promotion_outcome(promotion: dict) -> str:
+    return f"{promotion['phase']} to {promotion['candidate']['id']}" + (
+        f" ({promotion['reason']})" if promotion.get("reason") else "")
+
+
 def slope_per_10_min(times_s: list[float], values: list[float]) -> float:
     if len(times_s) < 3:
         return 0.0
@@ -159,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--json", type=Path, default=None, help="write samples and summary here")
+    parser.add_argument("--story-at-s", type=float, default=60.0,
+                        help="start the admin story (study, promotion, rollback) this long into the run")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="tpgate-soak-"))
@@ -198,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.start()
         started = time.monotonic()
+        story = AdminStory(port, (workdir / "admin-token").read_text().strip(), started)
+        story_timer = threading.Timer(args.story_at_s, story.run, args=(stop,))
+        story_timer.start()
         while time.monotonic() - started < args.duration_s:
             t_s = time.monotonic() - started
             with lock:
@@ -210,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         samples.append({"t_s": round(time.monotonic() - started, 1), "sent": sum(outcomes.values()),
                         "roles": sample(gateway.pid)})
         stop.set()
-        for thread in threads:
+        story_timer.cancel()
+        for thread in [*threads, story_timer]:
             thread.join(timeout=150)
         summary = summarize(samples, outcomes)
+        summary["story"] = story.stages
         summary.update(duration_s=args.duration_s, clients=args.clients,
                        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        load_average=os.getloadavg(), cpus=os.cpu_count())
