@@ -32,7 +32,7 @@ from gateway.control.client import ControlClient
 from gateway.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
 from gateway.control.promotion import PromotionPolicy
 from gateway.control.state import Capacity, PoolSpec
-from gateway.dataplane.auth import engine_key
+from gateway.dataplane.auth import engine_key, secret_digest
 from gateway.dataplane.metrics import GatewayMetrics
 from gateway.dataplane.router import Router, RouterSettings
 from gateway.dataplane.routing import RouteSlo
@@ -181,7 +181,9 @@ def controller_settings(config: TpgateConfig, capacity: Capacity) -> ControllerS
         promotion_policies={name: promotion_policy(config, name) for name in config.classes},
         engine_key_seed=engine_key_seed(config),
     )
-    return replace(settings, digest=hashlib.sha256(repr(settings).encode()).hexdigest()[:16])
+    # the seed is kept out of repr (logs); its digest still tells a controller made with another seed
+    fingerprint = repr(settings) + secret_digest(settings.engine_key_seed or "")
+    return replace(settings, digest=hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
 
 
 def promotion_policy(config: TpgateConfig, class_name: str) -> PromotionPolicy:

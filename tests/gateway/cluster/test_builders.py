@@ -64,6 +64,9 @@ def test_beyond_loopback_each_pool_gets_a_key_of_its_own_from_a_private_seed(tmp
     assert "engine_key_seed" not in repr(deployer) and deployer.engine_key_seed not in repr(deployer)
     settings = builders.controller_settings(config, capacity_of(config))
     assert settings.engine_key_seed == deployer.engine_key_seed  # the same keys on the routers' side
+    (tmp_path / "one").mkdir()
+    on_one_node = builders.controller_settings(configured(tmp_path / "one"), capacity_of(config))
+    assert on_one_node.digest != settings.digest  # a controller made without the seed is not reused with it
     assert builders.pool_deployer(config).engine_key_seed == deployer.engine_key_seed  # stable across restarts
     keys = {engine_key(deployer.engine_key_seed, pool) for pool in ("a", "b")}
     assert len(keys) == 2 and all(len(k) == 64 for k in keys)
