@@ -176,9 +176,8 @@ async def test_a_restart_rolls_back_a_promotion_left_half_way(capacity, clocks, 
     assert third.desired_state().routes["batch"] == {"old": 1.0}
 
 
-async def test_rolling_back_a_finished_promotion_brings_the_old_pool_back(capacity, clocks):
-    controller = make_controller(capacity, RecordingDeployer(), clocks)
-    promotion = await started(controller, clocks)
+async def served_until_done(controller, clocks):
+    """Both pools serve well for 16 s of ticks, every step judged on it: the promotion of ``started`` succeeds."""
     router = Router(controller)
     _, wall = clocks
     await ticks(controller, wall, 2, router)
@@ -186,13 +185,20 @@ async def test_rolling_back_a_finished_promotion_brings_the_old_pool_back(capaci
         router.serve("new", 2)
         router.serve("old", 2)
         await ticks(controller, wall, 1, router)
+    return router
+
+
+async def test_rolling_back_a_finished_promotion_brings_the_old_pool_back(capacity, clocks):
+    controller = make_controller(capacity, RecordingDeployer(), clocks)
+    promotion = await started(controller, clocks)
+    router = await served_until_done(controller, clocks)
     assert controller.promotion(promotion["id"])["phase"] == "succeeded"
     back = await controller.rollback_class("batch")
     assert back["source"] == f"rollback of {promotion['id']}" and back["policy"]["judge"] is False
     assert back["candidate"]["id"] == "old" and back["candidate"]["replicas"] == 2
     controller.register_endpoint("old", "r9", "http://127.0.0.1:9109")
     controller.register_endpoint("old", "r8", "http://127.0.0.1:9108")
-    await ticks(controller, wall, 5, router)
+    await ticks(controller, clocks[1], 5, router)
     assert controller.promotion(back["id"])["phase"] == "succeeded"
     assert controller.desired_state().routes["batch"] == {"old": 1.0} and "new" not in controller.desired_state().pools
     with pytest.raises(StateError, match="no promotion to roll back"):
@@ -210,13 +216,7 @@ async def test_rolling_back_onto_a_pool_another_class_kept_routes_straight_back_
         controller.register_endpoint("old", replica, f"http://127.0.0.1:90{replica[-1]}")
     promotion = await controller.start_promotion("batch", make_pool("new", tp=1), source="study s1")
     controller.register_endpoint("new", "n1", "http://127.0.0.1:9101")
-    router = Router(controller)
-    _, wall = clocks
-    await ticks(controller, wall, 2, router)
-    for _ in range(14):
-        router.serve("new", 2)
-        router.serve("old", 2)
-        await ticks(controller, wall, 1, router)
+    await served_until_done(controller, clocks)
     assert controller.promotion(promotion["id"])["phase"] == "succeeded"
     assert "old" in controller.desired_state().pools  # interactive kept it
     deployed = list(deployer.deployed)
