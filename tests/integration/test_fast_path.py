@@ -271,7 +271,10 @@ def test_a_client_that_goes_away_aborts_its_engine_request(gateway, stream, entr
     watch on the same ASGI receive must still cancel the engine request. Through Serve's proxy (the standard
     mode's path, unmarked) the proxy's cancellation must reach the router running on the replica's loop."""
     marked = ["http-request", "set-header", "x-request-disconnect-disabled", "?1"]
-    assert marked in _config_lines(gateway, "http-request")
+    # Ray rewrites the file before each HAProxy reload and the guard adds the rules as HAProxy starts: between
+    # the two the file on disk is Ray's own, so wait for the version HAProxy runs with
+    wait_until(lambda: marked in _config_lines(gateway, "http-request"), timeout_s=20,
+               what="HAProxy's configuration to carry the disconnect mark")
     port = gateway.port if entry == "front" else _serve_proxy_port(gateway)
     body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True, "stream": stream}
