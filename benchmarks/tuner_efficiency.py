@@ -14,6 +14,10 @@ re-measurement) with the table as the measurement, for many seeds, against rando
 sampler alone; one line per setting; exit status 1 when a target that applies to the table is missed:
 
     .venv/bin/python benchmarks/tuner_efficiency.py --replay benchmarks/grids/X.json --seeds 0-49 [--json out.json]
+
+Print a table's measured figures as the Markdown table docs/tuner.md shows (the grid's best first):
+
+    .venv/bin/python benchmarks/tuner_efficiency.py --markdown benchmarks/grids/X.json
 """
 
 from __future__ import annotations
@@ -91,11 +95,23 @@ def replay(args: argparse.Namespace) -> int:
     return 1 if misses else 0
 
 
+def markdown(args: argparse.Namespace) -> int:
+    from tuner.grid_report import markdown_table
+
+    try:
+        print(markdown_table(GridTable.load(args.markdown)))
+    except TableError as exc:
+        print(f"tuner_efficiency: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--measure", metavar="CONFIG", help="measure a grid: the tpgate configuration of the pair")
     mode.add_argument("--replay", metavar="TABLE", help="replay studies against a measured table")
+    mode.add_argument("--markdown", metavar="TABLE", help="print a measured table's figures in Markdown")
     parser.add_argument("--class", dest="class_name", default="interactive", help="--measure: the class")
     parser.add_argument("--deviation", metavar="FILE", help="--measure: the engines' deviation file")
     parser.add_argument("--runs", type=int, default=2, help="--measure: measurements per configuration")
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             parser.error("--measure needs --out")
         return measure(args)
+    if args.markdown:
+        return markdown(args)
     return replay(args)
 
 

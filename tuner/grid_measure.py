@@ -166,9 +166,11 @@ def _summary(record: TrialRecord | None) -> str:
     parts = [f"{record.candidate.label()} run {record.run}: {record.outcome}"]
     if record.measured is not None:
         m = record.measured
-        parts.append(f"e2e p99 {m.e2e_p99_s or 0:.3g} s, TTFT p99 {m.ttft_p99_s or 0:.3g} s, "
-                     f"TPOT p99 {(m.tpot_p99_s or 0) * 1000:.3g} ms, {m.output_tokens_per_s:,.0f} tok/s, "
-                     f"{m.requests:.0f} requests")
+        figures = (("e2e p99", m.e2e_p99_s, 1, "s"), ("TTFT p99", m.ttft_p99_s, 1, "s"),
+                   ("TPOT p99", m.tpot_p99_s, 1000, "ms"))
+        latencies = [f"{label} {value * scale:.3g} {unit}" for label, value, scale, unit in figures
+                     if value is not None]  # unstreamed requests have no TTFT or TPOT
+        parts.append(", ".join([*latencies, f"{m.output_tokens_per_s:,.0f} tok/s", f"{m.requests:.0f} requests"]))
     if record.clock is not None:
         parts.append(f"clock {record.clock.effective_scale:.3g}x (lag {record.clock.lag_ratio:+.1%})")
     if record.reason and record.outcome != "feasible":
