@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import TpgateConfig
 from gateway.control.state import PoolSpec
@@ -67,6 +67,8 @@ class GatewayState(Protocol):
     def gpus_free(self) -> int: ...
     @property
     def gateway_url(self) -> str: ...
+    @property
+    def draining(self) -> Mapping[str, Mapping[str, Any]]: ...  # removed pools not gone yet: draining | deleting
 
 
 class GatewayControl(Protocol):

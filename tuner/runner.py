@@ -190,6 +190,7 @@ class TrialRunner:
             return
         if existing is not None:
             await self._remove_pool(spec.id)
+        await self._wait_gone(spec.id)
         try:
             await self._control.add_pool(spec)
             return
@@ -201,6 +202,14 @@ class TrialRunner:
             await self._control.add_pool(spec)
         except ValueError as exc:
             raise _Refused(str(exc)) from None
+
+    async def _wait_gone(self, pool_id: str) -> None:
+        """Until no pool of this id is draining or being deleted. A pool re-added while it drains takes its old
+        replicas back, and when its deployment changes (other GPUs) they still count as its ready replicas until
+        they stop: a re-measurement of the configuration a trial has just removed read its clock from an engine
+        that had gone a moment later. Bounded by the trial timeout."""
+        while pool_id in (await self._control.status()).draining:
+            await asyncio.sleep(self._poll_s)
 
     async def _unreadable(self, pool_id: str, route: str, problem: str, timings: Mapping[str, float]) -> Measurement:
         """Metrics or clocks could not be read: the pool's fault when it is no longer running (its engine

@@ -68,6 +68,7 @@ class FakeStatus:
     gpus_used: int
     gpus_free: int
     gateway_url: str = "http://127.0.0.1:18000"
+    draining: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,14 +84,20 @@ class FakeControl:
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     version: int = 0
+    drain_reads: int = 0  # a removed pool stays draining for this many status reads
+    draining: dict[str, int] = field(default_factory=dict)  # pool id -> status reads left
 
     async def status(self) -> FakeStatus:
         used = sum(p.gpus for p in self.pools.values())
+        draining = {pool_id: {"phase": "draining"} for pool_id in self.draining}
+        self.draining = {pool_id: left - 1 for pool_id, left in self.draining.items() if left > 1}
         return FakeStatus(self.version, dict(self.pools), {k: dict(v) for k, v in self.routes.items()},
-                          self.budget, used, self.budget - used, self.gateway_url)
+                          self.budget, used, self.budget - used, self.gateway_url, draining)
 
     async def add_pool(self, pool: PoolSpec) -> int:
         self.calls.append(("add_pool", pool.id))
+        if pool.id in self.draining:
+            self.calls.append(("re-added while draining", pool.id))
         used = sum(p.gpus for p in self.pools.values() if p.id != pool.id)
         if used + pool.gpus > self.budget:
             raise StateRejected(f"pools need {used + pool.gpus} GPUs, more than the budget of {self.budget}")
@@ -103,6 +110,8 @@ class FakeControl:
         if pool_id not in self.pools:
             raise StateRejected(f"unknown pool {pool_id!r}")
         del self.pools[pool_id]
+        if self.drain_reads:
+            self.draining[pool_id] = self.drain_reads
         for weights in self.routes.values():
             weights.pop(pool_id, None)
         return self._bump()

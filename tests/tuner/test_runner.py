@@ -71,6 +71,18 @@ async def test_a_pool_running_with_the_same_spec_is_reused():
     assert control.pools == {}
 
 
+async def test_a_configuration_measured_again_waits_until_its_removed_pool_is_gone():
+    control = FakeControl(drain_reads=3)
+    trials = runner(control)
+    await trials.run(TP2X2, number=1)
+    pool_id = trial_pool_id("s1", TP2X2)
+    assert control.draining == {pool_id: 3}
+    measurement = await trials.run(TP2X2, number=2, run=1)
+    assert measurement.failure is None and measurement.invalid is None
+    assert [c for c in control.calls if c[0] in ("add_pool", "re-added while draining")] == [
+        ("add_pool", pool_id), ("add_pool", pool_id)]
+
+
 async def test_kept_pools_are_evicted_when_the_budget_needs_their_gpus():
     control = FakeControl(budget=4)
     keeping = runner(control, keep_pools=True)
