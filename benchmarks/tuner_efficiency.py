@@ -63,9 +63,14 @@ def measure(args: argparse.Namespace) -> int:
     if table.complete(space.candidates()):
         print(f"{out}: every configuration has {table.runs} runs already")
         return 0
-    with own_gateway(config) as (handle, study_config):
-        table = asyncio.run(measure_grid(study_config, space, handle, table, out=out,
-                                         max_attempts=args.max_attempts))
+    try:
+        with own_gateway(config) as (handle, study_config):
+            table = asyncio.run(measure_grid(study_config, space, handle, table, out=out,
+                                             max_attempts=args.max_attempts))
+    except KeyboardInterrupt:
+        print(f"{out}: interrupted; every finished measurement is kept and the same command continues",
+              file=sys.stderr)
+        return 130
     missing = len(space.candidates()) * table.runs - sum(len(r.runs) for r in table.rows)
     print(f"{out}: {len(table.rows)} configurations, {missing} runs still missing")
     return 0 if missing == 0 else 1

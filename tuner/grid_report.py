@@ -52,7 +52,7 @@ def _run_value(run: TrialRecord, figure: str) -> str:
 
 def _worst_lag(row: GridRow) -> str:
     lags = [run.clock.lag_ratio for run in row.runs if run.clock is not None]
-    return f"{max(lags):.1%}" if lags else "n/a"
+    return f"{round(max(lags), 3) or 0.0:.1%}" if lags else "n/a"  # no "-0.0%" for a clock a hair fast
 
 
 def _figure(figure: str, value: float | None) -> str:
